@@ -1,0 +1,1 @@
+"""The meshflow web dashboard (Starlette). Arrives with its own issue; this package reserves the name."""

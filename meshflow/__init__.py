@@ -1,0 +1,55 @@
+"""meshflow: durable, event-driven functions for Python on NATS JetStream."""
+
+from .client import Client as Client
+from .client import Run as Run
+from .client import StepInfo as StepInfo
+from .client import connect as connect
+from .errors import ConfigError as ConfigError
+from .errors import DurationError as DurationError
+from .errors import EventError as EventError
+from .errors import MeshflowError as MeshflowError
+from .errors import NatsError as NatsError
+from .errors import NestedStepError as NestedStepError
+from .errors import NonDeterminismError as NonDeterminismError
+from .errors import NonRetriableError as NonRetriableError
+from .errors import RetryAfterError as RetryAfterError
+from .errors import RunNotFoundError as RunNotFoundError
+from .errors import RunTimeoutError as RunTimeoutError
+from .errors import SerializationError as SerializationError
+from .errors import StepError as StepError
+from .events import Event as Event
+from .functions import App as App
+from .functions import Function as Function
+from .retries import Retry as Retry
+from .runs import RunStatus as RunStatus
+from .steps import Context as Context
+from .steps import Step as Step
+from .worker import Worker as Worker
+
+__all__ = [
+    "App",
+    "Client",
+    "ConfigError",
+    "Context",
+    "DurationError",
+    "Event",
+    "EventError",
+    "Function",
+    "MeshflowError",
+    "NatsError",
+    "NestedStepError",
+    "NonDeterminismError",
+    "NonRetriableError",
+    "Retry",
+    "RetryAfterError",
+    "Run",
+    "RunNotFoundError",
+    "RunStatus",
+    "RunTimeoutError",
+    "SerializationError",
+    "Step",
+    "StepError",
+    "StepInfo",
+    "Worker",
+    "connect",
+]

@@ -1,0 +1,236 @@
+"""Publishing, consuming and scheduling on JetStream.
+
+- Events go to ``{ns}.ev.{name}`` with ``Nats-Msg-Id = event.id`` (the stream dedupes resends).
+- "Advance run X" messages go to ``{ns}.run.{app}.{fn}``; they carry a TTL so the limits-retention
+  runs stream does not grow forever, while the *schedules* on ``{ns}.timer.>`` carry none, so a
+  30-day sleep is never dropped (a fired ``@at`` schedule is removed by the server).
+- Timers are JetStream message schedules (``Nats-Schedule: @at …``) targeting the function's run
+  subject; one subject per pending timer, so publishing again replaces it.
+
+nats-py errors never leave this module: they become `NatsError` (or `EventError`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from .durations import from_ms, rfc3339
+from .errors import EventError, NatsError
+from .functions import Function
+from .names import (
+    HDR_MSG_ID,
+    HDR_SCHEDULE,
+    HDR_SCHEDULE_TARGET,
+    HDR_SCHEDULE_TTL,
+    HDR_TTL,
+    Names,
+)
+
+#: How long an un-consumed "advance run" message is kept. Runs whose workers are all gone for
+#: longer than this need their queued messages re-published (a sweeper; not built yet).
+RUN_MESSAGE_TTL = dt.timedelta(days=7)
+EVENTS_MAX_AGE = dt.timedelta(days=7)
+DUPLICATE_WINDOW = dt.timedelta(minutes=2)
+#: Consumers redeliver an unacknowledged message after this; workers send in-progress acks
+#: (and renew their run lease) well within it while a long step runs.
+ACK_WAIT = 30.0
+MAX_ACK_PENDING = 10_000
+
+NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, asyncio.TimeoutError, OSError)
+
+
+class RunMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """'Advance this run': why (start, timer) and, for a timer, which pending item fired."""
+
+    v: int = 1
+    run_id: str
+    reason: str = "start"
+    key: str = ""
+
+
+_run_msg_encoder = msgspec.json.Encoder()
+_run_msg_decoder = msgspec.json.Decoder(RunMessage)
+
+
+def decode_run_message(raw: bytes) -> RunMessage:
+    return _run_msg_decoder.decode(raw)
+
+
+async def open_nats(servers: str | Sequence[str], *, name: str = "meshflow") -> NatsClient:
+    """Connect to NATS, reconnecting forever when the server restarts."""
+    urls = [servers] if isinstance(servers, str) else list(servers)
+    try:
+        return await nats.connect(
+            servers=urls,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            connect_timeout=5,
+            allow_reconnect=True,
+        )
+    except NATS_ERRORS as exc:
+        raise NatsError(f"cannot connect to NATS at {', '.join(urls)}: {exc!r}") from exc
+
+
+class Bus:
+    """Streams, consumers, publishing and timers of one namespace."""
+
+    def __init__(self, nc: NatsClient, names: Names) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=10)
+        self.names = names
+
+    @property
+    def max_payload(self) -> int:
+        return int(self.nc.max_payload)
+
+    async def ensure_streams(self, *, replicas: int = 1) -> None:
+        """Create the events and runs streams if missing (idempotent, safe to race)."""
+        n = self.names
+        await self._ensure_stream(
+            StreamConfig(
+                name=n.events_stream,
+                subjects=[n.events_subjects],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=EVENTS_MAX_AGE.total_seconds(),
+                duplicate_window=DUPLICATE_WINDOW.total_seconds(),
+                num_replicas=replicas,
+            )
+        )
+        await self._ensure_stream(
+            StreamConfig(
+                name=n.runs_stream,
+                subjects=n.run_subjects,
+                retention=RetentionPolicy.LIMITS,
+                discard=DiscardPolicy.OLD,
+                storage=StorageType.FILE,
+                duplicate_window=DUPLICATE_WINDOW.total_seconds(),
+                allow_msg_schedules=True,
+                allow_msg_ttl=True,
+                num_replicas=replicas,
+            )
+        )
+
+    async def _ensure_stream(self, config: StreamConfig) -> None:
+        try:
+            await self.js.stream_info(config.name)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot read stream {config.name}: {exc!r}") from exc
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:  # 10058: created concurrently by another process
+                raise NatsError(f"cannot create stream {config.name}: {exc.description}") from exc
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot create stream {config.name}: {exc!r}") from exc
+
+    async def ensure_consumers(self, fn: Function) -> None:
+        """Create or update the function's trigger and run consumers."""
+        n = self.names
+        subjects = _minimal_subjects([n.trigger_subject(t) for t in fn.triggers])
+        trigger = ConsumerConfig(
+            name=n.trigger_consumer(fn.app_id, fn.id),
+            durable_name=n.trigger_consumer(fn.app_id, fn.id),
+            deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            max_deliver=-1,
+            max_ack_pending=MAX_ACK_PENDING,
+            **({"filter_subject": subjects[0]} if len(subjects) == 1 else {"filter_subjects": subjects}),
+        )
+        runs = ConsumerConfig(
+            name=n.run_consumer(fn.app_id, fn.id),
+            durable_name=n.run_consumer(fn.app_id, fn.id),
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            max_deliver=-1,
+            max_ack_pending=MAX_ACK_PENDING,
+            filter_subject=n.run_subject(fn.app_id, fn.id),
+        )
+        for stream, config in ((n.events_stream, trigger), (n.runs_stream, runs)):
+            try:
+                await self.js.add_consumer(stream, config)
+            except NATS_ERRORS as exc:
+                raise NatsError(f"cannot create consumer {config.name} on {stream}: {exc!r}") from exc
+
+    async def pull(self, stream: str, consumer: str) -> Any:
+        """A pull subscription bound to an existing durable consumer."""
+        try:
+            return await self.js.pull_subscribe_bind(consumer, stream)
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot bind consumer {consumer} on {stream}: {exc!r}") from exc
+
+    # --- publishing ---------------------------------------------------------------------------
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> Any:
+        """Publish to a stream and wait for its ack; `NatsError` if it is not stored."""
+        if len(payload) > self.max_payload:
+            raise EventError(
+                f"message of {len(payload)} bytes is larger than the server's max_payload "
+                f"({self.max_payload} bytes); send less data (store large blobs elsewhere and send a reference)"
+            )
+        try:
+            return await self.js.publish(subject, payload, headers=headers)
+        except NATS_ERRORS as exc:
+            raise NatsError(f"publish to {subject} failed: {exc!r}") from exc
+
+    async def publish_many(self, items: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> list[Any]:
+        """Publish several messages pipelined (all in flight at once); acks in order."""
+        too_big = next((len(p) for _, p, _ in items if len(p) > self.max_payload), None)
+        if too_big is not None:
+            raise EventError(
+                f"a message of {too_big} bytes is larger than the server's max_payload "
+                f"({self.max_payload} bytes); nothing was sent"
+            )
+        return list(await asyncio.gather(*(self.publish(s, p, h) for s, p, h in items)))
+
+    def run_message(self, fn: Function, msg: RunMessage, *, msg_id: str | None) -> tuple[str, bytes, dict[str, str]]:
+        headers = {HDR_TTL: str(int(RUN_MESSAGE_TTL.total_seconds()))}
+        if msg_id:
+            headers[HDR_MSG_ID] = msg_id
+        return self.names.run_subject(fn.app_id, fn.id), _run_msg_encoder.encode(msg), headers
+
+    async def publish_run(self, fn: Function, msg: RunMessage, *, msg_id: str | None = None) -> None:
+        await self.publish(*self.run_message(fn, msg, msg_id=msg_id))
+
+    async def schedule(self, fn: Function, run_id: str, key: str, until_ms: int) -> None:
+        """Have the server publish 'advance run' for ``run_id`` at ``until_ms`` (never earlier).
+
+        Publishing again for the same (run, key) replaces the pending schedule.
+        """
+        msg = RunMessage(run_id=run_id, reason="timer", key=key)
+        headers = {
+            HDR_SCHEDULE: f"@at {rfc3339(from_ms(until_ms))}",
+            HDR_SCHEDULE_TARGET: self.names.run_subject(fn.app_id, fn.id),
+            HDR_SCHEDULE_TTL: str(int(RUN_MESSAGE_TTL.total_seconds())),
+        }
+        await self.publish(self.names.timer_subject(run_id, key), _run_msg_encoder.encode(msg), headers)
+
+
+def _minimal_subjects(subjects: list[str]) -> list[str]:
+    """Drop duplicates and subjects covered by another's ``>`` wildcard (NATS rejects overlaps)."""
+    unique = sorted(set(subjects))
+    prefixes = [s[:-1] for s in unique if s.endswith(">")]
+    return [s for s in unique if not any(s != p + ">" and s.startswith(p) for p in prefixes)]

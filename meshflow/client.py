@@ -1,0 +1,228 @@
+"""The client: send events and read runs, from any service.
+
+    async with meshflow.connect("nats://127.0.0.1:4222") as client:
+        ids = await client.send(meshflow.Event(name="user/signup", data={"email": "a@b.c"}))
+        run = await client.wait_for_run(process_signup.run_id_for(ids[0]))
+
+``send`` returns after the server has stored every event (PubAck), so an acknowledged event is
+never lost; sending the same id again starts no second run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Generator, Sequence
+from typing import Any
+
+import msgspec
+
+from .bus import NATS_ERRORS, Bus, open_nats
+from .codec import decode_value
+from .errors import EventError, RunNotFoundError, RunTimeoutError
+from .events import Event, encode_event
+from .ids import is_ulid, run_id_for, ulid_time_ms
+from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names
+from .runs import ErrorInfo, Pending, RunRecord, RunStatus, StepMemo
+from .store import Store
+
+
+class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One step of a run, as the client reports it."""
+
+    id: str
+    kind: str
+    status: str  # completed | failed | sleeping | retrying
+    attempts: int
+    started_at: int | None = None
+    ended_at: int | None = None
+    output: Any = None
+    error: ErrorInfo | None = None
+    until: int | None = None  # for a sleeping or retrying step: when it resumes (epoch ms)
+
+
+class Run(msgspec.Struct, frozen=True, kw_only=True):
+    """A run's state: status, output or error, and its steps (committed and pending)."""
+
+    id: str
+    function_id: str
+    status: RunStatus
+    events: list[Event]
+    attempt: int
+    created_at: int
+    started_at: int | None
+    ended_at: int | None
+    output: Any
+    error: ErrorInfo | None
+    pending: list[Pending]
+    steps: list[StepInfo]
+
+    @property
+    def finished(self) -> bool:
+        return self.status.terminal
+
+
+def _steps(memos: dict[str, StepMemo], pending: list[Pending]) -> list[StepInfo]:
+    out = [
+        StepInfo(
+            id=m.id,
+            kind=str(m.kind),
+            status=str(m.status),
+            attempts=m.attempts,
+            started_at=m.started_at,
+            ended_at=m.ended_at,
+            output=decode_value(m.output),
+            error=m.error,
+        )
+        for m in memos.values()
+    ]
+    for p in pending:
+        if p.key in memos or p.kind == "run_retry":
+            continue
+        out.append(
+            StepInfo(
+                id=p.step_id,
+                kind="sleep" if p.kind == "sleep" else "run",
+                status="sleeping" if p.kind == "sleep" else "retrying",
+                attempts=p.attempt,
+                started_at=p.since or None,
+                until=p.until,
+                error=p.error,
+            )
+        )
+    return sorted(out, key=lambda s: (s.started_at or 0, s.id))
+
+
+class Client:
+    """Sends events and reads runs. Get one with ``meshflow.connect(url)``."""
+
+    def __init__(self, bus: Bus, store: Store, *, owns_connection: bool = True) -> None:
+        self._bus = bus
+        self._store = store
+        self._owns = owns_connection
+
+    @property
+    def names(self) -> Names:
+        return self._bus.names
+
+    async def send(self, events: Event | Sequence[Event]) -> list[str]:
+        """Publish one event or several (pipelined); return their ids once all are stored.
+
+        Every event is validated and encoded before anything is published, so a bad one (bad
+        name, non-JSON data, over the server's max payload) raises `EventError` and sends none.
+        """
+        batch = [events] if isinstance(events, Event) else list(events)
+        items: list[tuple[str, bytes, dict[str, str] | None]] = []
+        for event in batch:
+            payload = encode_event(event)
+            if len(payload) > self._bus.max_payload:
+                raise EventError(
+                    f"event {event.name!r} (id {event.id}) is {len(payload)} bytes, over the server's "
+                    f"max_payload of {self._bus.max_payload} bytes; nothing was sent"
+                )
+            items.append((self.names.event_subject(event.name), payload, {HDR_MSG_ID: event.id}))
+        await self._bus.publish_many(items)
+        return [e.id for e in batch]
+
+    async def get_run(self, run_id: str) -> Run:
+        """A run with its steps; `RunNotFoundError` if there is none with this id."""
+        got = await self._store.get_run(run_id)
+        if got is None:
+            raise RunNotFoundError(f"no run with id {run_id!r} in namespace {self.names.ns!r}")
+        return await self._view(got[0])
+
+    async def _view(self, record: RunRecord) -> Run:
+        memos = await self._store.load_memos(record.id)
+        return Run(
+            id=record.id,
+            function_id=record.function,
+            status=record.status,
+            events=record.events,
+            attempt=record.attempt,
+            created_at=record.created_at,
+            started_at=record.started_at,
+            ended_at=record.ended_at,
+            output=decode_value(record.output),
+            error=record.error,
+            pending=record.pending,
+            steps=_steps(memos, record.pending),
+        )
+
+    async def wait_for_run(self, run_id: str, *, timeout: float = 30.0) -> Run:
+        """Wait until the run exists and reaches a terminal status, then return it.
+
+        Raises:
+            RunTimeoutError: it did not finish within ``timeout`` seconds.
+        """
+
+        async def finished() -> RunRecord:
+            async for record in self._store.watch_run(run_id):
+                if record.status.terminal:
+                    return record
+            raise RunNotFoundError(run_id)  # the watch never ends on its own
+
+        try:
+            record = await asyncio.wait_for(finished(), timeout)
+        except TimeoutError:
+            got = await self._store.get_run(run_id)
+            status = got[0].status if got else "not created"
+            raise RunTimeoutError(f"run {run_id} did not finish within {timeout}s (status: {status})") from None
+        return await self._view(record)
+
+    async def runs_for_event(self, event_id: str) -> list[Run]:
+        """The runs one event started, one per function it triggered (as far as they exist yet)."""
+        functions = await self._store.list_functions()
+        ts = ulid_time_ms(event_id) if is_ulid(event_id) else 0
+        runs = []
+        for info in functions:
+            got = await self._store.get_run(run_id_for(info.full_id, event_id, ts))
+            if got is not None:
+                runs.append(await self._view(got[0]))
+        return runs
+
+    async def close(self) -> None:
+        if self._owns:
+            with contextlib.suppress(*NATS_ERRORS):
+                await self._bus.nc.flush(timeout=5)
+            with contextlib.suppress(*NATS_ERRORS):
+                await self._bus.nc.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class connect:  # noqa: N801 - used like a function: `async with meshflow.connect(url) as client`
+    """Connect a `Client` to NATS: ``async with connect(url) as c`` or ``c = await connect(url)``.
+
+    Args:
+        servers: one NATS URL or several (a cluster).
+        namespace: the deployment's namespace (default ``mf``).
+    """
+
+    def __init__(self, servers: str | Sequence[str] = "nats://127.0.0.1:4222", *, namespace: str = DEFAULT_NAMESPACE) -> None:
+        self._servers = servers
+        self._names = Names(namespace)
+        self._client: Client | None = None
+
+    async def _open(self) -> Client:
+        nc = await open_nats(self._servers, name="meshflow-client")
+        bus = Bus(nc, self._names)
+        await bus.ensure_streams()
+        store = await Store(nc, self._names).open()
+        self._client = Client(bus, store)
+        return self._client
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Client:
+        return await self._open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+

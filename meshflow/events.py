@@ -1,0 +1,93 @@
+"""Events: what services send and what triggers functions.
+
+An event is ``{name, data, id, ts, v}``. ``id`` defaults to a ULID and is the dedupe key: sending
+the same id twice yields the runs of one event. ``ts`` is epoch milliseconds. Names look like
+``user/signup`` or ``app/user.created``; they become NATS subject tokens (see ``names``), so they
+may not contain whitespace, ``*``, ``>``, empty segments, or exceed 256 characters.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from .errors import EventError
+from .ids import new_ulid
+
+MAX_NAME_LENGTH = 256
+_FORBIDDEN = frozenset("*>")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """An event. Build one with ``Event(name="user/signup", data={"email": "a@b.c"})``.
+
+    Attributes:
+        name: what happened, like ``user/signup``.
+        data: a JSON object with the event's payload.
+        id: unique id and dedupe key (a ULID unless given).
+        ts: when it happened, epoch milliseconds (now unless given).
+        v: an optional schema version of the payload.
+    """
+
+    name: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    id: str = msgspec.field(default_factory=new_ulid)
+    ts: int = msgspec.field(default_factory=_now_ms)
+    v: str | None = None
+
+
+def validate_event_name(name: object) -> str:
+    """Return ``name`` if it is a valid event name, else raise `EventError` saying why."""
+    if not isinstance(name, str) or not name:
+        raise EventError(f"invalid event name {name!r}: a non-empty string like 'user/signup' is needed")
+    if len(name) > MAX_NAME_LENGTH:
+        raise EventError(f"invalid event name {name[:40]!r}...: longer than {MAX_NAME_LENGTH} characters")
+    bad = next((c for c in name if c.isspace() or c in _FORBIDDEN or not c.isprintable()), None)
+    if bad is not None:
+        raise EventError(
+            f"invalid event name {name!r}: it contains {bad!r}; whitespace, '*' and '>' are not allowed"
+        )
+    if any(segment == "" for segment in name.replace("/", ".").split(".")):
+        raise EventError(
+            f"invalid event name {name!r}: empty segment (names look like 'app/user.created', "
+            "with no leading, trailing or doubled '/' or '.')"
+        )
+    return name
+
+
+def validate_event(event: object) -> Event:
+    """Check an event before sending: its type, name, id and data."""
+    if not isinstance(event, Event):
+        raise EventError(f"expected a meshflow.Event, got {type(event).__name__}")
+    validate_event_name(event.name)
+    if not isinstance(event.id, str) or not event.id or len(event.id) > 256:
+        raise EventError(f"event {event.name!r}: id must be a non-empty string of at most 256 characters")
+    if not isinstance(event.data, dict):
+        raise EventError(f"event {event.name!r}: data must be a JSON object (dict), got {type(event.data).__name__}")
+    if not isinstance(event.ts, int) or isinstance(event.ts, bool) or event.ts < 0:
+        raise EventError(f"event {event.name!r}: ts must be epoch milliseconds (a non-negative int)")
+    return event
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Event)
+
+
+def encode_event(event: Event) -> bytes:
+    """Validate and encode an event as JSON; raise `EventError` when its data is not JSON."""
+    validate_event(event)
+    try:
+        return _encoder.encode(event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EventError(f"event {event.name!r} (id {event.id}): data is not JSON-serializable: {exc}") from exc
+
+
+def decode_event(raw: bytes) -> Event:
+    """Decode an event from the events stream."""
+    return _decoder.decode(raw)

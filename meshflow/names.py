@@ -1,0 +1,128 @@
+"""Every stream, subject, consumer and bucket name meshflow uses, and nothing else.
+
+All names derive from one namespace (default ``mf``), so several deployments can share a server.
+No other module spells a subject or a bucket name.
+
+Event names map to subjects by turning ``/`` into ``.``: ``app/user.created`` is published on
+``{ns}.ev.app.user.created``. That makes an Inngest-style suffix wildcard (``app/*``) the NATS
+wildcard ``{ns}.ev.app.>``. Two names can map to one subject (``a/b.c`` and ``a.b/c``); workers
+therefore match the event's own name against their triggers after a consumer delivers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "mf"
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The NATS names of one meshflow deployment (one namespace)."""
+
+    ns: str = DEFAULT_NAMESPACE
+
+    # --- streams -----------------------------------------------------------------------------
+    @property
+    def events_stream(self) -> str:
+        """Every event ever sent (limits retention, replayable by time)."""
+        return f"{self.ns.upper()}_EVENTS"
+
+    @property
+    def runs_stream(self) -> str:
+        """'Advance run X' messages and the scheduled timer messages that produce them."""
+        return f"{self.ns.upper()}_RUNS"
+
+    # --- subjects ----------------------------------------------------------------------------
+    @property
+    def events_subjects(self) -> str:
+        return f"{self.ns}.ev.>"
+
+    def event_subject(self, event_name: str) -> str:
+        """The subject an event named ``event_name`` is published on."""
+        return f"{self.ns}.ev.{event_name.replace('/', '.')}"
+
+    def trigger_subject(self, pattern: str) -> str:
+        """The consumer filter for a trigger: an exact event name or a prefix ending in ``*``."""
+        if pattern.endswith("*"):
+            return f"{self.ns}.ev.{pattern[:-1].replace('/', '.')}>"
+        return self.event_subject(pattern)
+
+    @property
+    def run_subjects(self) -> list[str]:
+        return [f"{self.ns}.run.>", f"{self.ns}.timer.>"]
+
+    def run_subject(self, app_id: str, fn_id: str) -> str:
+        """Where 'advance this run' messages for one function go (the schedule target too)."""
+        return f"{self.ns}.run.{app_id}.{fn_id}"
+
+    def timer_subject(self, run_id: str, key: str) -> str:
+        """One pending timer (sleep, retry backoff) of a run; its own subject so it can be replaced."""
+        return f"{self.ns}.timer.{run_id}.{key}"
+
+    # --- consumers ---------------------------------------------------------------------------
+    @staticmethod
+    def trigger_consumer(app_id: str, fn_id: str) -> str:
+        """The durable consumer on the events stream that fans events out to one function."""
+        return f"fn-{app_id}-{fn_id}"
+
+    @staticmethod
+    def run_consumer(app_id: str, fn_id: str) -> str:
+        """The durable consumer on the runs stream that workers pull a function's runs from."""
+        return f"run-{app_id}-{fn_id}"
+
+    # --- key-value buckets -------------------------------------------------------------------
+    @property
+    def runs_bucket(self) -> str:
+        return f"{self.ns}_runs"
+
+    @property
+    def steps_bucket(self) -> str:
+        return f"{self.ns}_steps"
+
+    @property
+    def registry_bucket(self) -> str:
+        return f"{self.ns}_registry"
+
+    @staticmethod
+    def step_key(run_id: str, step_hash: str) -> str:
+        return f"{run_id}.{step_hash}"
+
+    @staticmethod
+    def step_prefix(run_id: str) -> str:
+        return f"{run_id}.>"
+
+    @staticmethod
+    def function_key(full_id: str) -> str:
+        return f"fn.{full_id}"
+
+    @staticmethod
+    def worker_key(worker_id: str) -> str:
+        return f"worker.{worker_id}"
+
+
+# Events meshflow itself emits (names, not subjects).
+EVENT_FUNCTION_FINISHED = "meshflow/function.finished"
+EVENT_FUNCTION_FAILED = "meshflow/function.failed"
+
+# Message headers meshflow reads or writes.
+HDR_MSG_ID = "Nats-Msg-Id"
+HDR_SCHEDULE = "Nats-Schedule"
+HDR_SCHEDULE_TARGET = "Nats-Schedule-Target"
+HDR_SCHEDULE_TTL = "Nats-Schedule-TTL"
+HDR_TTL = "Nats-TTL"
+
+
+def kv_stream(bucket: str) -> str:
+    """The stream behind a key-value bucket."""
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a key-value entry is stored under (keys may be wildcards like ``run.>``)."""
+    return f"$KV.{bucket}.{key}"
+
+
+def direct_get_subject(stream: str) -> str:
+    """The JetStream API subject for (batched) direct gets from a stream."""
+    return f"$JS.API.DIRECT.GET.{stream}"

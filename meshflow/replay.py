@@ -1,0 +1,436 @@
+"""The replay engine: runs a function against its committed steps and says what happens next.
+
+Rules (the tests in ``tests/unit/test_replay.py`` defend each):
+
+1. A step whose memo exists returns the stored result (or raises `StepError` for a stored
+   failure) without running anything. Memo keys follow Inngest: ``sha1(id)`` for the first use
+   of an id in a run, ``sha1(f"{id}:{n}")`` for its n-th repeat.
+2. The first new ``step.run`` executes inline and its memo is committed through
+   ``Effects.commit`` *before* the function continues. Execution goes on inline through as many
+   steps as it can, so a pass is O(steps), not O(steps²) re-replays. Steps awaited together
+   (``asyncio.gather``) execute concurrently.
+3. A step that cannot finish now *parks* its branch: a sleep not yet due, or a failed step
+   waiting for its retry backoff. When nothing is executing and every live branch is parked, the
+   pass ends with `Suspended` and every parked item; the run holds nothing in memory after that.
+4. A failed step is retried per its policy (``Pending(STEP_RETRY)``); when its attempts are
+   spent, or it raised `NonRetriableError`, a failed memo is committed and `StepError` is raised
+   at the call site, where the function may catch it.
+5. An error escaping the function retries the whole function (``Pending(RUN_RETRY)``) while its
+   attempts last; `StepError`, `NonRetriableError`, configuration errors and non-``Exception``
+   errors (``SystemExit``...) fail the run at once.
+6. ``execute`` never raises for anything the user's code does: every user error becomes an
+   outcome. It imports nothing from NATS; the worker turns outcomes into NATS writes.
+
+Engine control flow is parking on a future that never resolves; the pass ends the function's
+task by cancelling it, so nothing a user writes in ``except Exception:`` can swallow it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import datetime as dt
+import inspect
+import random
+import time
+import traceback as tb
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, Protocol
+
+import msgspec
+import structlog
+
+from .codec import decode_value, encode_value
+from .durations import parse_duration, parse_when, to_ms
+from .errors import (
+    ConfigError,
+    MeshflowError,
+    NestedStepError,
+    NonDeterminismError,
+    NonRetriableError,
+    RetryAfterError,
+    SerializationError,
+    StepError,
+)
+from .events import Event
+from .functions import Function
+from .ids import StepCounter
+from .retries import Retry, attempts_left, backoff_delay, retry_policy
+from .runs import ErrorInfo, Pending, PendingKind, StepKind, StepMemo, StepStatus
+from .steps import Context, Step
+
+# How many loop turns to let sibling branches (asyncio.gather) reach their next step call before
+# concluding that every branch is parked.
+_SETTLE_TICKS = 4
+_MAX_STEP_ID = 256
+
+_in_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("meshflow_in_step", default=None)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Effects(Protocol):
+    """What the engine needs from the outside world: committing a step memo."""
+
+    async def commit(self, memo: StepMemo) -> StepMemo:
+        """Store ``memo`` if the step has none yet; return the memo that is stored (first wins)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Activation:
+    """Everything the engine needs to advance one run."""
+
+    function: Function
+    run_id: str
+    events: Sequence[Event]
+    attempt: int = 0  # function-level failures so far
+    memos: Mapping[str, StepMemo] = field(default_factory=dict)
+    pending: Sequence[Pending] = ()
+    step_failures: Mapping[str, int] = field(default_factory=dict)
+    clock: Callable[[], int] = _wall_ms
+    random: Callable[[], float] = random.random
+    logger: Any = None
+
+
+class Completed(msgspec.Struct, frozen=True, tag=True):
+    output: msgspec.Raw
+
+
+class Failed(msgspec.Struct, frozen=True, tag=True):
+    error: ErrorInfo
+
+
+class Suspended(msgspec.Struct, frozen=True, tag=True):
+    pending: list[Pending]
+    step_failures: dict[str, int]
+    attempt: int  # function-level failures so far (raised by a RUN_RETRY)
+
+
+Outcome = Completed | Failed | Suspended
+
+
+def safe_str(exc: BaseException) -> str:
+    """``str(exc)``, or a note saying why it could not be had (a broken ``__str__``)."""
+    try:
+        return str(exc)
+    except BaseException as inner:  # a user's __str__ may raise anything
+        return f"<str() of {type(exc).__name__} raised {type(inner).__name__}>"
+
+
+def error_info(exc: BaseException, *, retriable: bool) -> ErrorInfo:
+    """Describe ``exc`` for storage, robust to exceptions whose ``__str__`` raises."""
+    try:
+        trace = "".join(tb.format_exception(exc))
+    except BaseException:  # format_exception calls __str__ too
+        trace = "".join(tb.format_tb(exc.__traceback__))
+    return ErrorInfo(type=type(exc).__name__, message=safe_str(exc), traceback=trace, retriable=retriable)
+
+
+def _never_retry(exc: BaseException) -> bool:
+    return (
+        not isinstance(exc, Exception)
+        or isinstance(exc, NonRetriableError | StepError | ConfigError | SerializationError)
+        or isinstance(exc, NestedStepError | NonDeterminismError)
+    )
+
+
+def _retry_delay_ms(exc: BaseException, policy: Retry, failures: int, now: int, rnd: float) -> int:
+    if isinstance(exc, RetryAfterError):
+        try:
+            if isinstance(exc.delay, dt.datetime) or (
+                isinstance(exc.delay, str) and exc.delay[:1].isdigit() and "T" in exc.delay
+            ):
+                when = parse_when(exc.delay)  # type: ignore[arg-type]
+                return max(0, int(when.timestamp() * 1000) - now)
+            return to_ms(parse_duration(exc.delay, what="RetryAfterError delay"))
+        except MeshflowError:
+            pass  # an unusable delay falls back to the backoff table
+    return to_ms(backoff_delay(policy, failures, rnd))
+
+
+class _Pass:
+    """One advance of one run: replays memos, executes new steps, collects parked items."""
+
+    def __init__(self, act: Activation, effects: Effects) -> None:
+        self.act = act
+        self.effects = effects
+        self.counter = StepCounter()
+        self.memos = dict(act.memos)
+        self.old_pending = {p.key: p for p in act.pending}
+        self.parked: dict[str, Pending] = {}
+        self.step_failures = dict(act.step_failures)
+        self.running = 0
+        self.version = 0
+        self.changed = asyncio.Event()
+        self.replaying = bool(act.memos)
+        self.never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def bump(self) -> None:
+        self.version += 1
+        self.changed.set()
+
+    async def park(self, item: Pending) -> NoReturn:
+        self.parked[item.key] = item
+        self.bump()
+        await self.never
+        raise AssertionError("unreachable: the parked future never resolves")
+
+    def _new_step(self, step_id: object, kind: StepKind) -> tuple[str, StepMemo | None]:
+        nested = _in_step.get()
+        if nested is not None:
+            raise NestedStepError(
+                f"step {step_id!r} was called inside the handler of step {nested!r}; "
+                "call steps from the function body, not from another step"
+            )
+        if not isinstance(step_id, str) or not step_id or len(step_id) > _MAX_STEP_ID:
+            raise ConfigError(f"step id {step_id!r}: use a non-empty string of at most {_MAX_STEP_ID} chars")
+        key = self.counter.next(step_id)
+        memo = self.memos.get(key)
+        if memo is not None and memo.kind != kind:
+            raise NonDeterminismError(
+                f"step {step_id!r} was a {memo.kind} step when the run first executed and is a "
+                f"{kind} step now; keep step ids stable across deploys of a running function"
+            )
+        if memo is None:
+            self.replaying = False
+        return key, memo
+
+    # --- step.run ----------------------------------------------------------------------------
+    async def run_step(
+        self,
+        step_id: str,
+        handler: Callable[..., Any],
+        args: tuple[Any, ...],
+        type_: Any,
+        retries: int | None,
+    ) -> Any:
+        key, memo = self._new_step(step_id, StepKind.RUN)
+        if memo is None:
+            memo = await self._execute(key, step_id, handler, args, retries)
+        if memo.status is StepStatus.COMPLETED:
+            return decode_value(memo.output, type_)
+        err = memo.error or ErrorInfo(type="Error", message="unknown")
+        raise StepError(step_id, err.type, err.message, err.traceback)
+
+    async def _execute(
+        self, key: str, step_id: str, handler: Callable[..., Any], args: tuple[Any, ...], retries: int | None
+    ) -> StepMemo:
+        policy = self.act.function.retry if retries is None else retry_policy(retries, what=f"step {step_id!r}")
+        old = self.old_pending.get(key)
+        if old is not None and old.kind is PendingKind.STEP_RETRY and old.until > self.act.clock():
+            await self.park(old)  # still backing off: a message arrived early
+        failures = self.step_failures.get(key, 0)
+        self.running += 1
+        self.bump()
+        retry: Pending | None = None
+        try:
+            started = self.act.clock()
+            memo: StepMemo | None = None
+            try:
+                value = await self._call(step_id, handler, args)
+                output = encode_value(value, what=f"step {step_id!r}")
+            except BaseException as exc:
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                    raise  # the pass (or the worker) is being cancelled: not the step's failure
+                now = self.act.clock()
+                if not _never_retry(exc) and attempts_left(policy, failures + 1):
+                    until = now + _retry_delay_ms(exc, policy, failures + 1, now, self.act.random())
+                    self.step_failures[key] = failures + 1
+                    retry = Pending(
+                        kind=PendingKind.STEP_RETRY,
+                        key=key,
+                        step_id=step_id,
+                        until=until,
+                        since=now,
+                        attempt=failures + 1,
+                        error=error_info(exc, retriable=True),
+                    )
+                else:
+                    memo = StepMemo(
+                        id=step_id,
+                        hash=key,
+                        kind=StepKind.RUN,
+                        status=StepStatus.FAILED,
+                        error=error_info(exc, retriable=False),
+                        attempts=failures + 1,
+                        started_at=started,
+                        ended_at=now,
+                    )
+            else:
+                memo = StepMemo(
+                    id=step_id,
+                    hash=key,
+                    kind=StepKind.RUN,
+                    status=StepStatus.COMPLETED,
+                    output=output,
+                    attempts=failures + 1,
+                    started_at=started,
+                    ended_at=self.act.clock(),
+                )
+            if memo is not None:
+                memo = await self.effects.commit(memo)
+                self.memos[key] = memo
+        finally:
+            self.running -= 1
+            self.bump()
+        if retry is not None:
+            await self.park(retry)
+        assert memo is not None
+        return memo
+
+    async def _call(self, step_id: str, handler: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        token = _in_step.set(step_id)
+        try:
+            if inspect.iscoroutinefunction(handler):
+                return await handler(*args)
+            # The one place a sync handler is run: in a thread, so it cannot block the loop.
+            result = await asyncio.to_thread(handler, *args)
+            if inspect.isawaitable(result):
+                return await result
+            return result
+        finally:
+            _in_step.reset(token)
+
+    # --- step.sleep / sleep_until ------------------------------------------------------------
+    async def sleep_step(self, step_id: str, duration: object, *, until: bool) -> None:
+        key, memo = self._new_step(step_id, StepKind.SLEEP)
+        if memo is not None:
+            return
+        now = self.act.clock()
+        old = self.old_pending.get(key)
+        if old is not None and old.kind is PendingKind.SLEEP:
+            item = old
+        else:
+            if until:
+                wake = int(parse_when(duration, what=f"step {step_id!r}").timestamp() * 1000)  # type: ignore[arg-type]
+            else:
+                wake = now + to_ms(parse_duration(duration, what=f"step {step_id!r}"))  # type: ignore[arg-type]
+            item = Pending(kind=PendingKind.SLEEP, key=key, step_id=step_id, until=wake, since=now)
+        if now < item.until:
+            await self.park(item)
+        done = StepMemo(
+            id=step_id,
+            hash=key,
+            kind=StepKind.SLEEP,
+            status=StepStatus.COMPLETED,
+            started_at=item.since or now,
+            ended_at=now,
+        )
+        self.running += 1
+        try:
+            self.memos[key] = await self.effects.commit(done)
+        finally:
+            self.running -= 1
+            self.bump()
+
+    # --- ending the pass ---------------------------------------------------------------------
+    def suspended(self, attempt: int | None = None) -> Suspended:
+        return Suspended(
+            pending=list(self.parked.values()),
+            step_failures=self.step_failures,
+            attempt=self.act.attempt if attempt is None else attempt,
+        )
+
+    def finish(self, task: asyncio.Task[Any]) -> Outcome:
+        if task.cancelled():
+            return Failed(error=ErrorInfo(type="CancelledError", message="the function cancelled itself"))
+        exc = task.exception()
+        if exc is None:
+            try:
+                return Completed(output=encode_value(task.result(), what="the function"))
+            except SerializationError as err:
+                return Failed(error=error_info(err, retriable=False))
+        policy = self.act.function.retry
+        failures = self.act.attempt + 1
+        if _never_retry(exc) or not attempts_left(policy, failures):
+            return Failed(error=error_info(exc, retriable=False))
+        now = self.act.clock()
+        self.parked = {
+            "run": Pending(
+                kind=PendingKind.RUN_RETRY,
+                key="run",
+                until=now + _retry_delay_ms(exc, policy, failures, now, self.act.random()),
+                since=now,
+                attempt=failures,
+                error=error_info(exc, retriable=True),
+            )
+        }
+        return self.suspended(attempt=failures)
+
+
+class _ReplayAwareLogger:
+    """A structlog logger that is silent while memoized steps replay, bound to the current step."""
+
+    def __init__(self, engine: _Pass, base: Any) -> None:
+        self._engine = engine
+        self._base = base
+
+    def bind(self, **kw: Any) -> _ReplayAwareLogger:
+        return _ReplayAwareLogger(self._engine, self._base.bind(**kw))
+
+    def _log(self, level: str, event: str, *args: Any, **kw: Any) -> None:
+        if self._engine.replaying:
+            return
+        step = _in_step.get()
+        if step is not None:
+            kw.setdefault("step", step)
+        getattr(self._base, level)(event, *args, **kw)
+
+    def debug(self, event: str, *args: Any, **kw: Any) -> None:
+        self._log("debug", event, *args, **kw)
+
+    def info(self, event: str, *args: Any, **kw: Any) -> None:
+        self._log("info", event, *args, **kw)
+
+    def warning(self, event: str, *args: Any, **kw: Any) -> None:
+        self._log("warning", event, *args, **kw)
+
+    def error(self, event: str, *args: Any, **kw: Any) -> None:
+        self._log("error", event, *args, **kw)
+
+    def exception(self, event: str, *args: Any, **kw: Any) -> None:
+        self._log("exception", event, *args, **kw)
+
+
+async def execute(act: Activation, effects: Effects) -> Outcome:
+    """Advance one run as far as it can go now. Never raises for anything the user's code does.
+
+    Raises only `asyncio.CancelledError` (the worker is stopping) and errors of ``effects``
+    (NATS is unreachable), which leave the run to be retried from its last commit.
+    """
+    engine = _Pass(act, effects)
+    base = act.logger if act.logger is not None else structlog.get_logger("meshflow.run")
+    ctx = Context(
+        events=act.events,
+        run_id=act.run_id,
+        function_id=act.function.full_id,
+        attempt=act.attempt,
+        step=Step(engine),
+        logger=_ReplayAwareLogger(engine, base.bind(run_id=act.run_id, function=act.function.full_id)),  # type: ignore[arg-type]
+    )
+    task: asyncio.Task[Any] = asyncio.ensure_future(act.function.handler(ctx))
+    task.add_done_callback(lambda _: engine.bump())
+    try:
+        while not task.done():
+            engine.changed.clear()
+            if engine.running == 0 and engine.parked:
+                seen = engine.version
+                for _ in range(_SETTLE_TICKS):
+                    await asyncio.sleep(0)
+                if not task.done() and seen == engine.version and engine.running == 0:
+                    return engine.suspended()
+                continue
+            await engine.changed.wait()
+        return engine.finish(task)
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # the user's code unwinding from our cancel; nothing to report
+                pass

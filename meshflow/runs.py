@@ -1,0 +1,154 @@
+"""Runs and steps as stored: statuses, their transition table, and the records kept in KV.
+
+A run moves ``queued → running ⇄ sleeping | waiting | retrying → completed | failed | cancelled``.
+Terminal statuses never change again (a replay is a new run). Records are versioned msgspec
+structs; new fields get defaults and are never reordered or retyped.
+
+Step memos are written once (``create``) and never change: that is what makes a committed step
+never run again.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import msgspec
+
+from .events import Event
+
+
+#: The stored form of "no value" (msgspec cannot decode ``Raw | None``, so no-value is JSON null).
+NULL = msgspec.Raw(b"null")
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SLEEPING = "sleeping"
+    WAITING = "waiting"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+_SUSPENDED = frozenset({RunStatus.SLEEPING, RunStatus.WAITING, RunStatus.RETRYING})
+
+#: Which status may follow which. A run may be advanced again while running (a redelivered
+#: message after a worker died), so RUNNING → RUNNING is allowed.
+TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
+    RunStatus.RUNNING: frozenset(set(RunStatus) - {RunStatus.QUEUED}),
+    **{s: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}) for s in _SUSPENDED},
+    **{s: frozenset() for s in _TERMINAL},
+}
+
+
+def can_transition(old: RunStatus, new: RunStatus) -> bool:
+    """Whether a run in ``old`` may move to ``new``."""
+    return new in TRANSITIONS[old]
+
+
+class StepStatus(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class StepKind(StrEnum):
+    RUN = "run"
+    SLEEP = "sleep"
+
+
+class PendingKind(StrEnum):
+    SLEEP = "sleep"
+    STEP_RETRY = "step_retry"
+    RUN_RETRY = "run_retry"
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """An error as stored: class name, message and formatted traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+    retriable: bool = True
+
+
+class Pending(msgspec.Struct, frozen=True, kw_only=True):
+    """Something a suspended run waits for: a sleep's wake time or a retry's backoff."""
+
+    kind: PendingKind
+    key: str  # the step hash, or "run" for a function-level retry
+    step_id: str = ""
+    until: int  # epoch ms; the run must not resume before it
+    since: int = 0  # epoch ms when the run started waiting
+    attempt: int = 0  # for retries: the failed attempts so far
+    error: ErrorInfo | None = None
+
+
+class Lease(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker executing a run holds it until ``until`` (epoch ms) unless it renews the lease."""
+
+    worker: str
+    until: int
+
+
+class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A run, as stored in the runs bucket under its id."""
+
+    v: int = 1
+    id: str
+    app: str
+    function: str  # full id: "{app}-{fn}"
+    fn: str
+    status: RunStatus
+    events: list[Event]
+    created_at: int
+    updated_at: int
+    started_at: int | None = None
+    ended_at: int | None = None
+    attempt: int = 0  # function-level failed attempts so far
+    output: msgspec.Raw = msgspec.field(default_factory=lambda: NULL)  # JSON null until it completes
+    error: ErrorInfo | None = None
+    pending: list[Pending] = msgspec.field(default_factory=list)
+    step_failures: dict[str, int] = msgspec.field(default_factory=dict)
+    lease: Lease | None = None
+    replay_of: str | None = None
+    failure_of: str | None = None  # for on_failure runs: the run that failed
+
+
+class StepMemo(msgspec.Struct, frozen=True, kw_only=True):
+    """A step's committed result, stored once under ``{run_id}.{step_hash}``."""
+
+    v: int = 1
+    id: str
+    hash: str
+    kind: StepKind
+    status: StepStatus
+    output: msgspec.Raw = msgspec.field(default_factory=lambda: NULL)
+    error: ErrorInfo | None = None
+    attempts: int = 1
+    started_at: int
+    ended_at: int
+
+
+_run_encoder = msgspec.json.Encoder()
+_run_decoder = msgspec.json.Decoder(RunRecord)
+_memo_decoder = msgspec.json.Decoder(StepMemo)
+
+
+def encode_record(record: RunRecord | StepMemo) -> bytes:
+    return _run_encoder.encode(record)
+
+
+def decode_run(raw: bytes) -> RunRecord:
+    return _run_decoder.decode(raw)
+
+
+def decode_memo(raw: bytes) -> StepMemo:
+    return _memo_decoder.decode(raw)

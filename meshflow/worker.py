@@ -1,0 +1,401 @@
+"""The worker: pulls events and runs for its functions and advances runs with the replay engine.
+
+Per function it binds two durable consumers: ``fn-{app}-{fn}`` on the events stream (fan-out: a
+trigger claims one run per event) and ``run-{app}-{fn}`` on the runs stream (advance a run).
+
+Advancing a run (DESIGN §3): take the run's lease with a compare-and-set on its record, load its
+memos, replay, then turn the outcome into writes *before* acking the message:
+timers first (a crash then only lengthens a sleep), then emitted events (so a redelivery
+re-emits with the same dedupe id), then the run record. A message whose run is leased by another
+live worker is nak'ed with a short delay; a lease that is not renewed expires with ``ACK_WAIT``.
+
+In-flight work is bounded by ``concurrency``; suspended runs hold nothing here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import msgspec
+import nats.errors
+import structlog
+
+from . import replay
+from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, decode_run_message, open_nats
+from .codec import decode_value
+from .errors import MeshflowError, NatsError
+from .events import Event, decode_event, encode_event
+from .functions import App, Function
+from .ids import new_ulid
+from .names import EVENT_FUNCTION_FAILED, EVENT_FUNCTION_FINISHED, HDR_MSG_ID, Names
+from .runs import NULL, Lease, PendingKind, RunRecord, RunStatus, StepMemo
+from .store import FunctionInfo, RunConflict, Store
+
+LEASE_MS = int(ACK_WAIT * 1000)
+HEARTBEAT_S = ACK_WAIT / 3
+_FETCH_TIMEOUT = 1.0
+_MAX_FETCH = 64
+
+log = structlog.get_logger("meshflow.worker")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _StoreEffects:
+    """The engine's one effect: committing a memo to the steps bucket."""
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+
+    async def commit(self, memo: StepMemo) -> StepMemo:
+        return await self.store.commit_memo(self.run_id, memo)
+
+
+class Worker:
+    """Serves the functions of one or more apps.
+
+    Args:
+        *apps: the apps whose functions this worker runs.
+        nats: the NATS server URL (or several, for a cluster).
+        namespace: the deployment's namespace (default ``mf``).
+        concurrency: how many events and runs it works on at once.
+        worker_id: a name for this worker (default: host, pid and a random suffix).
+    """
+
+    def __init__(
+        self,
+        *apps: App,
+        nats: str | Sequence[str] = "nats://127.0.0.1:4222",
+        namespace: str = "mf",
+        concurrency: int = 64,
+        worker_id: str | None = None,
+    ) -> None:
+        if not apps:
+            raise MeshflowError("a worker needs at least one App")
+        self.functions: dict[str, Function] = {}
+        for app in apps:
+            for fn in app.functions:
+                if fn.full_id in self.functions:
+                    raise MeshflowError(f"function {fn.full_id} is served twice by this worker")
+                self.functions[fn.full_id] = fn
+        self.servers = nats
+        self.names = Names(namespace)
+        self.concurrency = concurrency
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_ulid()[-6:]}"
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self.nc: Any = None
+        self.bus: Bus
+        self.store: Store
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect, provision streams, buckets and consumers, and start pulling."""
+        self.nc = await open_nats(self.servers, name=f"meshflow-worker-{self.id}")
+        self.bus = Bus(self.nc, self.names)
+        self.store = Store(self.nc, self.names)
+        await self.bus.ensure_streams()
+        await self.store.open()
+        for fn in self.functions.values():
+            await self.bus.ensure_consumers(fn)
+            await self.store.put_function(
+                FunctionInfo(
+                    full_id=fn.full_id,
+                    app=fn.app_id,
+                    id=fn.id,
+                    name=fn.name,
+                    triggers=list(fn.triggers),
+                    retries=fn.retry.retries,
+                    failure_of=fn.failure_of,
+                    updated_at=_now_ms(),
+                )
+            )
+        n = self.names
+        for fn in self.functions.values():
+            triggers = await self.bus.pull(n.events_stream, n.trigger_consumer(fn.app_id, fn.id))
+            runs = await self.bus.pull(n.runs_stream, n.run_consumer(fn.app_id, fn.id))
+            self._loops.append(asyncio.create_task(self._pull_loop(triggers, fn, self._on_event)))
+            self._loops.append(asyncio.create_task(self._pull_loop(runs, fn, self._on_run)))
+        log.info("worker started", worker=self.id, functions=sorted(self.functions), namespace=n.ns)
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop pulling, let in-flight work finish for up to ``grace`` seconds, then disconnect.
+
+        Work still running after ``grace`` is cancelled: its messages are not acked, so they are
+        redelivered to another worker, and committed steps are never lost or re-run.
+        """
+        if self._stopping.is_set():
+            await self._stopped.wait()
+            return
+        self._stopping.set()
+        for loop_task in self._loops:
+            loop_task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._tasks:
+            _, still = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        if self.nc is not None:
+            with contextlib.suppress(*NATS_ERRORS):
+                await self.nc.flush(timeout=5)
+            with contextlib.suppress(*NATS_ERRORS):
+                await self.nc.close()
+        self._stopped.set()
+        log.info("worker stopped", worker=self.id)
+
+    async def serve(self) -> None:
+        """Start, then run until SIGTERM or SIGINT (or `stop`), then stop gracefully."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- pulling ------------------------------------------------------------------------------
+    async def _pull_loop(self, sub: Any, fn: Function, handle: Callable[[Function, Any], Awaitable[None]]) -> None:
+        backoff = 0.05
+        while not self._stopping.is_set():
+            await self._slots.acquire()
+            want = 1
+            while want < _MAX_FETCH and not self._slots.locked():
+                await self._slots.acquire()
+                want += 1
+            try:
+                msgs = await sub.fetch(want, timeout=_FETCH_TIMEOUT)
+                backoff = 0.05
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                msgs = []
+            except asyncio.CancelledError:
+                for _ in range(want):
+                    self._slots.release()
+                raise
+            except Exception as exc:  # connection lost, server restarting: keep trying
+                msgs = []
+                log.warning("fetch failed; retrying", function=fn.full_id, error=repr(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            for _ in range(want - len(msgs)):
+                self._slots.release()
+            for msg in msgs:
+                task = asyncio.create_task(self._guard(fn, msg, handle))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _guard(self, fn: Function, msg: Any, handle: Callable[[Function, Any], Awaitable[None]]) -> None:
+        try:
+            await handle(fn, msg)
+        except asyncio.CancelledError:
+            with contextlib.suppress(*NATS_ERRORS):
+                await msg.nak()
+            raise
+        except Exception as exc:  # NATS trouble mid-way: leave the message for redelivery
+            log.warning("message left for redelivery", function=fn.full_id, error=repr(exc))
+            with contextlib.suppress(*NATS_ERRORS):
+                await msg.nak(delay=1.0)
+        finally:
+            self._slots.release()
+
+    # --- triggers: event -> run ---------------------------------------------------------------
+    async def _on_event(self, fn: Function, msg: Any) -> None:
+        try:
+            event = decode_event(msg.data)
+        except msgspec.DecodeError as exc:
+            log.error("undecodable event dropped", function=fn.full_id, subject=msg.subject, error=str(exc))
+            await msg.term()
+            return
+        if not fn.matches(event):
+            await msg.ack()
+            return
+        run_id = fn.run_id_for(event)
+        now = _now_ms()
+        record = RunRecord(
+            id=run_id,
+            app=fn.app_id,
+            function=fn.full_id,
+            fn=fn.id,
+            status=RunStatus.QUEUED,
+            events=[event],
+            created_at=now,
+            updated_at=now,
+            failure_of=event.data.get("run_id") if fn.failure_of else None,
+        )
+        if await self.store.create_run(record) is None:
+            existing = await self.store.get_run(run_id)
+            if existing is not None and existing[0].status is not RunStatus.QUEUED:
+                await msg.ack()  # the run exists and was started: a resent or redelivered event
+                return
+        await self.bus.publish_run(fn, RunMessage(run_id=run_id), msg_id=f"{run_id}:start")
+        await msg.ack()
+
+    # --- runs: advance ------------------------------------------------------------------------
+    async def _on_run(self, fn: Function, msg: Any) -> None:
+        try:
+            rmsg = decode_run_message(msg.data)
+        except msgspec.DecodeError as exc:
+            log.error("undecodable run message dropped", function=fn.full_id, error=str(exc))
+            await msg.term()
+            return
+        got = await self.store.get_run(rmsg.run_id)
+        if got is None:
+            log.warning("run message for an unknown run", run_id=rmsg.run_id, function=fn.full_id)
+            await msg.ack()
+            return
+        record, rev = got
+        if record.status.terminal:
+            await msg.ack()
+            return
+        now = _now_ms()
+        if record.lease is not None and record.lease.worker != self.id and record.lease.until > now:
+            await msg.nak(delay=0.25)  # another worker is advancing it; look again shortly
+            return
+        leased = msgspec.structs.replace(
+            record,
+            status=RunStatus.RUNNING,
+            lease=Lease(worker=self.id, until=now + LEASE_MS),
+            started_at=record.started_at or now,
+            updated_at=now,
+        )
+        try:
+            rev = await self.store.update_run(leased, rev)
+        except RunConflict:
+            await msg.nak(delay=0.05)
+            return
+        holder = _Holder(leased, rev)
+        fresh = record.status is RunStatus.QUEUED and not record.step_failures and not record.pending
+        memos = {} if fresh else await self.store.load_memos(record.id)
+        beat = asyncio.create_task(self._heartbeat(msg, holder))
+        try:
+            outcome = await replay.execute(
+                replay.Activation(
+                    function=fn,
+                    run_id=record.id,
+                    events=record.events,
+                    attempt=record.attempt,
+                    memos=memos,
+                    pending=record.pending,
+                    step_failures=record.step_failures,
+                ),
+                _StoreEffects(self.store, record.id),
+            )
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+        redelivered = msg.metadata.num_delivered > 1 if msg.metadata else False
+        await self._finish(fn, holder, record, rmsg, outcome, redelivered)
+        await msg.ack()
+
+    async def _heartbeat(self, msg: Any, holder: _Holder) -> None:
+        """While a long pass runs: keep the message from redelivery and renew the lease."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            with contextlib.suppress(*NATS_ERRORS):
+                await msg.in_progress()
+            renewed = msgspec.structs.replace(
+                holder.record, lease=Lease(worker=self.id, until=_now_ms() + LEASE_MS), updated_at=_now_ms()
+            )
+            with contextlib.suppress(RunConflict, NatsError):
+                holder.rev = await self.store.update_run(renewed, holder.rev)
+                holder.record = renewed
+
+    async def _finish(
+        self,
+        fn: Function,
+        holder: _Holder,
+        before: RunRecord,
+        rmsg: RunMessage,
+        outcome: replay.Outcome,
+        redelivered: bool,
+    ) -> None:
+        now = _now_ms()
+        base = holder.record
+        if isinstance(outcome, replay.Suspended):
+            known = {(p.key, p.until) for p in before.pending}
+            for item in outcome.pending:
+                if redelivered or (item.key, item.until) not in known or rmsg.key == item.key:
+                    await self.bus.schedule(fn, base.id, item.key, item.until)
+            kinds = {p.kind for p in outcome.pending}
+            status = RunStatus.SLEEPING if PendingKind.SLEEP in kinds else RunStatus.RETRYING
+            final = msgspec.structs.replace(
+                base,
+                status=status,
+                pending=outcome.pending,
+                step_failures=outcome.step_failures,
+                attempt=outcome.attempt,
+                lease=None,
+                updated_at=now,
+            )
+        else:
+            if isinstance(outcome, replay.Completed):
+                status, output, error = RunStatus.COMPLETED, outcome.output, None
+            else:
+                status, output, error = RunStatus.FAILED, NULL, outcome.error
+            final = msgspec.structs.replace(
+                base, status=status, output=output, error=error, pending=[], lease=None, ended_at=now, updated_at=now
+            )
+            await self._emit_finished(fn, final)
+        await self._write_final(holder, final)
+
+    async def _emit_finished(self, fn: Function, run: RunRecord) -> None:
+        data: dict[str, Any] = {
+            "function_id": fn.full_id,
+            "run_id": run.id,
+            "status": str(run.status),
+        }
+        if run.status is RunStatus.COMPLETED:
+            data["output"] = decode_value(run.output)
+        if run.error is not None:
+            data["error"] = msgspec.to_builtins(run.error)
+        events = [Event(name=EVENT_FUNCTION_FINISHED, id=f"{run.id}:finished", data=data)]
+        if run.status is RunStatus.FAILED and fn.failure_of is None:
+            failed = {**data, "event": msgspec.to_builtins(run.events[0])}
+            events.append(Event(name=EVENT_FUNCTION_FAILED, id=f"{run.id}:failed", data=failed))
+        await self.bus.publish_many(
+            [(self.names.event_subject(e.name), encode_event(e), {HDR_MSG_ID: e.id}) for e in events]
+        )
+
+    async def _write_final(self, holder: _Holder, final: RunRecord) -> None:
+        for _ in range(10):
+            try:
+                holder.rev = await self.store.update_run(final, holder.rev)
+                return
+            except RunConflict:
+                got = await self.store.get_run(final.id)
+                if got is None:
+                    return
+                current, holder.rev = got
+                if current.status.terminal or (current.lease is not None and current.lease.worker != self.id):
+                    return  # finished, or taken over by another worker after our lease lapsed
+        raise NatsError(f"run {final.id}: could not write its record after 10 conflicting updates")
+
+
+class _Holder:
+    """The lease holder's latest view of the run record and its revision."""
+
+    __slots__ = ("record", "rev")
+
+    def __init__(self, record: RunRecord, rev: int) -> None:
+        self.record = record
+        self.rev = rev
