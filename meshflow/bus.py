@@ -53,6 +53,8 @@ DUPLICATE_WINDOW = dt.timedelta(minutes=2)
 #: (and renew their run lease) well within it while a long step runs.
 ACK_WAIT = 30.0
 MAX_ACK_PENDING = 10_000
+PUBLISH_DEADLINE = 30.0
+PUBLISH_ATTEMPT_TIMEOUT = 3.0
 
 NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, asyncio.TimeoutError, OSError)
 
@@ -131,6 +133,7 @@ class Bus:
         )
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
+        assert config.name is not None
         try:
             await self.js.stream_info(config.name)
             return
@@ -146,7 +149,7 @@ class Bus:
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot create stream {config.name}: {exc!r}") from exc
 
-    async def ensure_consumers(self, fn: Function) -> None:
+    async def ensure_consumers(self, fn: Function, *, ack_wait: float = ACK_WAIT) -> None:
         """Create or update the function's trigger and run consumers."""
         n = self.names
         subjects = _minimal_subjects([n.trigger_subject(t) for t in fn.triggers])
@@ -155,7 +158,7 @@ class Bus:
             durable_name=n.trigger_consumer(fn.app_id, fn.id),
             deliver_policy=DeliverPolicy.NEW,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ACK_WAIT,
+            ack_wait=ack_wait,
             max_deliver=-1,
             max_ack_pending=MAX_ACK_PENDING,
             **({"filter_subject": subjects[0]} if len(subjects) == 1 else {"filter_subjects": subjects}),
@@ -165,7 +168,7 @@ class Bus:
             durable_name=n.run_consumer(fn.app_id, fn.id),
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ACK_WAIT,
+            ack_wait=ack_wait,
             max_deliver=-1,
             max_ack_pending=MAX_ACK_PENDING,
             filter_subject=n.run_subject(fn.app_id, fn.id),
@@ -185,16 +188,37 @@ class Bus:
 
     # --- publishing ---------------------------------------------------------------------------
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> Any:
-        """Publish to a stream and wait for its ack; `NatsError` if it is not stored."""
+        """Publish to a stream and wait for its ack; `NatsError` if it is not stored in time.
+
+        Every publish meshflow makes is idempotent (a ``Nats-Msg-Id``, or a timer subject that
+        replaces itself), so a timeout or a server that is restarting is retried with the same
+        message until ``PUBLISH_DEADLINE`` passes.
+        """
         if len(payload) > self.max_payload:
             raise EventError(
                 f"message of {len(payload)} bytes is larger than the server's max_payload "
-                f"({self.max_payload} bytes); send less data (store large blobs elsewhere and send a reference)"
+                f"({self.max_payload} bytes); store large blobs elsewhere and send a reference"
             )
-        try:
-            return await self.js.publish(subject, payload, headers=headers)
-        except NATS_ERRORS as exc:
-            raise NatsError(f"publish to {subject} failed: {exc!r}") from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PUBLISH_DEADLINE
+        pause = 0.05
+        while True:
+            try:
+                return await self.js.publish(
+                    subject, payload, headers=headers, timeout=PUBLISH_ATTEMPT_TIMEOUT
+                )
+            except nats.js.errors.APIError as exc:
+                if exc.code is not None and exc.code < 500:  # refused for good (bad headers, limits)
+                    raise NatsError(f"publish to {subject} refused: {exc.description}") from exc
+                error: BaseException = exc
+            except NATS_ERRORS as exc:
+                error = exc
+            if loop.time() + pause > deadline:
+                raise NatsError(
+                    f"publish to {subject} failed for {PUBLISH_DEADLINE:.0f}s: {error!r}"
+                ) from error
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def publish_many(self, items: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> list[Any]:
         """Publish several messages pipelined (all in flight at once); acks in order."""
@@ -206,7 +230,9 @@ class Bus:
             )
         return list(await asyncio.gather(*(self.publish(s, p, h) for s, p, h in items)))
 
-    def run_message(self, fn: Function, msg: RunMessage, *, msg_id: str | None) -> tuple[str, bytes, dict[str, str]]:
+    def run_message(
+        self, fn: Function, msg: RunMessage, *, msg_id: str | None
+    ) -> tuple[str, bytes, dict[str, str]]:
         headers = {HDR_TTL: str(int(RUN_MESSAGE_TTL.total_seconds()))}
         if msg_id:
             headers[HDR_MSG_ID] = msg_id

@@ -148,7 +148,7 @@ class Client:
             steps=_steps(memos, record.pending),
         )
 
-    async def wait_for_run(self, run_id: str, *, timeout: float = 30.0) -> Run:
+    async def wait_for_run(self, run_id: str, *, timeout: float = 30.0) -> Run:  # noqa: ASYNC109 - the API is 'wait up to N s'
         """Wait until the run exists and reaches a terminal status, then return it.
 
         Raises:
@@ -166,7 +166,9 @@ class Client:
         except TimeoutError:
             got = await self._store.get_run(run_id)
             status = got[0].status if got else "not created"
-            raise RunTimeoutError(f"run {run_id} did not finish within {timeout}s (status: {status})") from None
+            raise RunTimeoutError(
+                f"run {run_id} did not finish within {timeout}s (status: {status})"
+            ) from None
         return await self._view(record)
 
     async def runs_for_event(self, event_id: str) -> list[Run]:
@@ -194,7 +196,7 @@ class Client:
         await self.close()
 
 
-class connect:  # noqa: N801 - used like a function: `async with meshflow.connect(url) as client`
+class connect:
     """Connect a `Client` to NATS: ``async with connect(url) as c`` or ``c = await connect(url)``.
 
     Args:
@@ -202,7 +204,9 @@ class connect:  # noqa: N801 - used like a function: `async with meshflow.connec
         namespace: the deployment's namespace (default ``mf``).
     """
 
-    def __init__(self, servers: str | Sequence[str] = "nats://127.0.0.1:4222", *, namespace: str = DEFAULT_NAMESPACE) -> None:
+    def __init__(
+        self, servers: str | Sequence[str] = "nats://127.0.0.1:4222", *, namespace: str = DEFAULT_NAMESPACE
+    ) -> None:
         self._servers = servers
         self._names = Names(namespace)
         self._client: Client | None = None
@@ -224,5 +228,3 @@ class connect:  # noqa: N801 - used like a function: `async with meshflow.connec
     async def __aexit__(self, *exc: object) -> None:
         if self._client is not None:
             await self._client.close()
-
-

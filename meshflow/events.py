@@ -69,7 +69,9 @@ def validate_event(event: object) -> Event:
     if not isinstance(event.id, str) or not event.id or len(event.id) > 256:
         raise EventError(f"event {event.name!r}: id must be a non-empty string of at most 256 characters")
     if not isinstance(event.data, dict):
-        raise EventError(f"event {event.name!r}: data must be a JSON object (dict), got {type(event.data).__name__}")
+        raise EventError(
+            f"event {event.name!r}: data must be a JSON object (dict), got {type(event.data).__name__}"
+        )
     if not isinstance(event.ts, int) or isinstance(event.ts, bool) or event.ts < 0:
         raise EventError(f"event {event.name!r}: ts must be epoch milliseconds (a non-negative int)")
     return event
@@ -85,7 +87,9 @@ def encode_event(event: Event) -> bytes:
     try:
         return _encoder.encode(event)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise EventError(f"event {event.name!r} (id {event.id}): data is not JSON-serializable: {exc}") from exc
+        raise EventError(
+            f"event {event.name!r} (id {event.id}): data is not JSON-serializable: {exc}"
+        ) from exc
 
 
 def decode_event(raw: bytes) -> Event:

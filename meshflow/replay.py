@@ -42,7 +42,7 @@ import msgspec
 import structlog
 
 from .codec import decode_value, encode_value
-from .durations import parse_duration, parse_when, to_ms
+from .durations import from_ms, parse_duration, parse_when, to_ms
 from .errors import (
     ConfigError,
     MeshflowError,
@@ -70,6 +70,11 @@ _in_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("meshflow_
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _ms_at(when: dt.datetime) -> int:
+    """Epoch ms of ``when``, rounded up: a wake time between two milliseconds must not wake early."""
+    return to_ms(when - from_ms(0))
 
 
 class Effects(Protocol):
@@ -145,11 +150,30 @@ def _retry_delay_ms(exc: BaseException, policy: Retry, failures: int, now: int, 
                 isinstance(exc.delay, str) and exc.delay[:1].isdigit() and "T" in exc.delay
             ):
                 when = parse_when(exc.delay)  # type: ignore[arg-type]
-                return max(0, int(when.timestamp() * 1000) - now)
+                return max(0, _ms_at(when) - now)
             return to_ms(parse_duration(exc.delay, what="RetryAfterError delay"))
         except MeshflowError:
             pass  # an unusable delay falls back to the backoff table
     return to_ms(backoff_delay(policy, failures, rnd))
+
+
+class _Exit(Exception):
+    """Carries a ``SystemExit``/``KeyboardInterrupt`` the function raised out of its task.
+
+    asyncio re-raises those two out of the event loop, which would stop the worker instead of
+    failing the run.
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(type(exc).__name__)
+        self.exc = exc
+
+
+async def _body(function: Function, ctx: Context) -> Any:
+    try:
+        return await function.handler(ctx)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise _Exit(exc) from None
 
 
 class _Pass:
@@ -219,7 +243,9 @@ class _Pass:
     async def _execute(
         self, key: str, step_id: str, handler: Callable[..., Any], args: tuple[Any, ...], retries: int | None
     ) -> StepMemo:
-        policy = self.act.function.retry if retries is None else retry_policy(retries, what=f"step {step_id!r}")
+        policy = (
+            self.act.function.retry if retries is None else retry_policy(retries, what=f"step {step_id!r}")
+        )
         old = self.old_pending.get(key)
         if old is not None and old.kind is PendingKind.STEP_RETRY and old.until > self.act.clock():
             await self.park(old)  # still backing off: a message arrived early
@@ -307,7 +333,7 @@ class _Pass:
             item = old
         else:
             if until:
-                wake = int(parse_when(duration, what=f"step {step_id!r}").timestamp() * 1000)  # type: ignore[arg-type]
+                wake = _ms_at(parse_when(duration, what=f"step {step_id!r}"))  # type: ignore[arg-type]
             else:
                 wake = now + to_ms(parse_duration(duration, what=f"step {step_id!r}"))  # type: ignore[arg-type]
             item = Pending(kind=PendingKind.SLEEP, key=key, step_id=step_id, until=wake, since=now)
@@ -340,6 +366,8 @@ class _Pass:
         if task.cancelled():
             return Failed(error=ErrorInfo(type="CancelledError", message="the function cancelled itself"))
         exc = task.exception()
+        if isinstance(exc, _Exit):
+            exc = exc.exc
         if exc is None:
             try:
                 return Completed(output=encode_value(task.result(), what="the function"))
@@ -413,7 +441,7 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
         step=Step(engine),
         logger=_ReplayAwareLogger(engine, base.bind(run_id=act.run_id, function=act.function.full_id)),  # type: ignore[arg-type]
     )
-    task: asyncio.Task[Any] = asyncio.ensure_future(act.function.handler(ctx))
+    task: asyncio.Task[Any] = asyncio.ensure_future(_body(act.function, ctx))
     task.add_done_callback(lambda _: engine.bump())
     try:
         while not task.done():
@@ -432,5 +460,5 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
             task.cancel()
             try:
                 await task
-            except BaseException:  # the user's code unwinding from our cancel; nothing to report
+            except BaseException:  # noqa: S110 - the user's code unwinding from our cancel; nothing to report
                 pass

@@ -16,7 +16,6 @@ import msgspec
 
 from .events import Event
 
-
 #: The stored form of "no value" (msgspec cannot decode ``Raw | None``, so no-value is JSON null).
 NULL = msgspec.Raw(b"null")
 

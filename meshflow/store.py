@@ -29,7 +29,7 @@ from .runs import RunRecord, StepMemo, decode_memo, decode_run, encode_record
 _BATCH = 1000
 
 
-class RunConflict(Exception):  # noqa: N818 - internal signal, never leaves the worker
+class RunConflict(Exception):
     """A run record changed since it was read (compare-and-set failed)."""
 
 
@@ -80,7 +80,9 @@ class Store:
             raise NatsError(f"cannot open bucket {name}: {exc!r}") from exc
         try:
             return await self.js.create_key_value(
-                KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE, replicas=replicas, direct=True)
+                KeyValueConfig(
+                    bucket=name, history=1, storage=StorageType.FILE, replicas=replicas, direct=True
+                )
             )
         except NATS_ERRORS as exc:
             try:  # another process may have created it at the same moment
@@ -215,4 +217,6 @@ class Store:
         msgs = await self._direct_batch(
             kv_stream(bucket), {"multi_last": [kv_subject(bucket, "fn.>")], "batch": _BATCH}
         )
-        return [_info_decoder.decode(data) for headers, data in msgs if data and "KV-Operation" not in headers]
+        return [
+            _info_decoder.decode(data) for headers, data in msgs if data and "KV-Operation" not in headers
+        ]

@@ -14,7 +14,7 @@ T = TypeVar("T")
 async def wait_until(
     predicate: Callable[[], T | Awaitable[T]],
     *,
-    timeout: float = 10.0,
+    timeout: float = 10.0,  # noqa: ASYNC109 - a deadline is what this helper is for
     interval: float = 0.02,
     message: str = "condition",
 ) -> T:
@@ -30,7 +30,7 @@ async def wait_until(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         last = value
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{message} not met within {timeout}s (last value: {last!r})")

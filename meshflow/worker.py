@@ -38,8 +38,6 @@ from .names import EVENT_FUNCTION_FAILED, EVENT_FUNCTION_FINISHED, HDR_MSG_ID, N
 from .runs import NULL, Lease, PendingKind, RunRecord, RunStatus, StepMemo
 from .store import FunctionInfo, RunConflict, Store
 
-LEASE_MS = int(ACK_WAIT * 1000)
-HEARTBEAT_S = ACK_WAIT / 3
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
 
@@ -70,6 +68,9 @@ class Worker:
         namespace: the deployment's namespace (default ``mf``).
         concurrency: how many events and runs it works on at once.
         worker_id: a name for this worker (default: host, pid and a random suffix).
+        ack_wait: seconds before a message (and a run lease) held by a silent worker is handed to
+            another one; how fast work moves on after a worker dies. The function's consumers take
+            the value of the worker that last provisioned them.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class Worker:
         namespace: str = "mf",
         concurrency: int = 64,
         worker_id: str | None = None,
+        ack_wait: float = ACK_WAIT,
     ) -> None:
         if not apps:
             raise MeshflowError("a worker needs at least one App")
@@ -91,6 +93,8 @@ class Worker:
         self.servers = nats
         self.names = Names(namespace)
         self.concurrency = concurrency
+        self.ack_wait = ack_wait
+        self.lease_ms = int(ack_wait * 1000)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_ulid()[-6:]}"
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -110,7 +114,7 @@ class Worker:
         await self.bus.ensure_streams()
         await self.store.open()
         for fn in self.functions.values():
-            await self.bus.ensure_consumers(fn)
+            await self.bus.ensure_consumers(fn, ack_wait=self.ack_wait)
             await self.store.put_function(
                 FunctionInfo(
                     full_id=fn.full_id,
@@ -174,7 +178,9 @@ class Worker:
         await self.stop()
 
     # --- pulling ------------------------------------------------------------------------------
-    async def _pull_loop(self, sub: Any, fn: Function, handle: Callable[[Function, Any], Awaitable[None]]) -> None:
+    async def _pull_loop(
+        self, sub: Any, fn: Function, handle: Callable[[Function, Any], Awaitable[None]]
+    ) -> None:
         backoff = 0.05
         while not self._stopping.is_set():
             await self._slots.acquire()
@@ -185,7 +191,7 @@ class Worker:
             try:
                 msgs = await sub.fetch(want, timeout=_FETCH_TIMEOUT)
                 backoff = 0.05
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 msgs = []
             except asyncio.CancelledError:
                 for _ in range(want):
@@ -203,7 +209,9 @@ class Worker:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    async def _guard(self, fn: Function, msg: Any, handle: Callable[[Function, Any], Awaitable[None]]) -> None:
+    async def _guard(
+        self, fn: Function, msg: Any, handle: Callable[[Function, Any], Awaitable[None]]
+    ) -> None:
         try:
             await handle(fn, msg)
         except asyncio.CancelledError:
@@ -273,7 +281,7 @@ class Worker:
         leased = msgspec.structs.replace(
             record,
             status=RunStatus.RUNNING,
-            lease=Lease(worker=self.id, until=now + LEASE_MS),
+            lease=Lease(worker=self.id, until=now + self.lease_ms),
             started_at=record.started_at or now,
             updated_at=now,
         )
@@ -310,11 +318,13 @@ class Worker:
     async def _heartbeat(self, msg: Any, holder: _Holder) -> None:
         """While a long pass runs: keep the message from redelivery and renew the lease."""
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(self.ack_wait / 3)
             with contextlib.suppress(*NATS_ERRORS):
                 await msg.in_progress()
             renewed = msgspec.structs.replace(
-                holder.record, lease=Lease(worker=self.id, until=_now_ms() + LEASE_MS), updated_at=_now_ms()
+                holder.record,
+                lease=Lease(worker=self.id, until=_now_ms() + self.lease_ms),
+                updated_at=_now_ms(),
             )
             with contextlib.suppress(RunConflict, NatsError):
                 holder.rev = await self.store.update_run(renewed, holder.rev)
@@ -353,10 +363,18 @@ class Worker:
             else:
                 status, output, error = RunStatus.FAILED, NULL, outcome.error
             final = msgspec.structs.replace(
-                base, status=status, output=output, error=error, pending=[], lease=None, ended_at=now, updated_at=now
+                base,
+                status=status,
+                output=output,
+                error=error,
+                pending=[],
+                lease=None,
+                ended_at=now,
+                updated_at=now,
             )
             await self._emit_finished(fn, final)
         await self._write_final(holder, final)
+        _log_outcome(final)
 
     async def _emit_finished(self, fn: Function, run: RunRecord) -> None:
         data: dict[str, Any] = {
@@ -389,6 +407,18 @@ class Worker:
                 if current.status.terminal or (current.lease is not None and current.lease.worker != self.id):
                     return  # finished, or taken over by another worker after our lease lapsed
         raise NatsError(f"run {final.id}: could not write its record after 10 conflicting updates")
+
+
+def _log_outcome(run: RunRecord) -> None:
+    fields: dict[str, Any] = {"run_id": run.id, "function": run.function}
+    if run.status is RunStatus.COMPLETED:
+        log.info("run completed", duration_ms=(run.ended_at or 0) - (run.started_at or 0), **fields)
+    elif run.status is RunStatus.FAILED:
+        err = run.error
+        log.warning("run failed", error=f"{err.type}: {err.message}" if err else None, **fields)
+    else:
+        until = min(p.until for p in run.pending) if run.pending else None
+        log.info(f"run {run.status}", resumes_in_ms=until - _now_ms() if until else None, **fields)
 
 
 class _Holder:

@@ -1,0 +1,7 @@
+"""``python -m meshflow`` is the ``meshflow`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,172 @@
+"""The ``meshflow`` command: ``dev``, ``worker``, ``send`` and ``run``.
+
+    meshflow dev [APP]                 embedded nats-server + a worker for APP (default: the examples)
+    meshflow worker APP --nats URL     a worker process; run any number, anywhere
+    meshflow send NAME --data JSON     send an event
+    meshflow run RUN_ID                show a run, its steps, output or error
+
+APP is ``module:attribute`` naming an `App` (or a list of apps). The NATS URL and namespace come
+from ``--nats`` / ``--namespace`` or ``MESHFLOW_NATS`` / ``MESHFLOW_NAMESPACE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .bus import ACK_WAIT
+from .client import connect
+from .errors import MeshflowError
+from .events import Event
+from .functions import App
+from .logging import configure_logging
+from .names import DEFAULT_NAMESPACE
+from .server import EmbeddedServer
+from .worker import Worker
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+DEV_APP = "examples:apps"
+
+
+def load_apps(spec: str) -> list[App]:
+    """Import ``module:attribute`` and return the `App` (or apps) it names."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name:
+        raise MeshflowError(f"invalid app {spec!r}: use module:attribute, like myservice.flows:app")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # like uvicorn: modules next to where you run it
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise MeshflowError(f"cannot import {module_name!r} for app {spec!r}: {exc}") from exc
+    target = getattr(module, attr or "app", None)
+    apps = target if isinstance(target, list | tuple) else [target]
+    if not apps or not all(isinstance(a, App) for a in apps):
+        raise MeshflowError(f"{spec!r} is not a meshflow.App (or a list of them)")
+    return list(apps)
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+async def _worker(args: argparse.Namespace) -> None:
+    worker = Worker(
+        *load_apps(args.app),
+        nats=args.nats.split(","),
+        namespace=args.namespace,
+        concurrency=args.concurrency,
+        ack_wait=args.ack_wait,
+    )
+    await worker.serve()
+
+
+async def _dev(args: argparse.Namespace) -> None:
+    apps = load_apps(args.app)
+    data = args.data_dir
+    server = EmbeddedServer(data, port=args.port)
+    server.start()  # blocks the loop for the server's start-up only; nothing else runs yet
+    try:
+        worker = Worker(*apps, nats=server.url, namespace=args.namespace)
+        print(
+            f"meshflow dev\n"
+            f"  nats-server  {server.url}  (JetStream data in {data})\n"
+            f"  functions    {', '.join(sorted(f.full_id for a in apps for f in a.functions))}\n"
+            f'  send events  meshflow send user/signup --data \'{{"email": "a@b.c"}}\' --nats {server.url}\n'
+            f"  Ctrl-C stops everything.",
+            flush=True,
+        )
+        await worker.serve()
+    finally:
+        server.stop()
+        print("meshflow dev stopped", flush=True)
+
+
+async def _send(args: argparse.Namespace) -> None:
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        raise MeshflowError(f"--data is not valid JSON: {exc}") from None
+    kwargs: dict[str, Any] = {"name": args.name, "data": data}
+    if args.id:
+        kwargs["id"] = args.id
+    async with connect(args.nats.split(","), namespace=args.namespace) as client:
+        ids = await client.send(Event(**kwargs))
+    print(ids[0])
+
+
+async def _show_run(args: argparse.Namespace) -> None:
+    async with connect(args.nats.split(","), namespace=args.namespace) as client:
+        run = await client.get_run(args.run_id)
+    print(json.dumps(msgspec.to_builtins(run), indent=2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    env_nats = os.environ.get("MESHFLOW_NATS", DEFAULT_URL)
+    env_ns = os.environ.get("MESHFLOW_NAMESPACE", DEFAULT_NAMESPACE)
+    parser = argparse.ArgumentParser(prog="meshflow", description="Durable functions on NATS JetStream.")
+    parser.add_argument("--log-level", default=os.environ.get("MESHFLOW_LOG_LEVEL", "info"))
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--nats", default=env_nats, help="NATS URL(s), comma separated (env MESHFLOW_NATS)")
+        p.add_argument("--namespace", default=env_ns, help="deployment namespace (env MESHFLOW_NAMESPACE)")
+
+    p = sub.add_parser("worker", help="run a worker for an app")
+    p.add_argument("app", help="module:attribute naming a meshflow.App")
+    common(p)
+    p.add_argument("--concurrency", type=int, default=64, help="events and runs worked on at once")
+    p.add_argument(
+        "--ack-wait", type=float, default=ACK_WAIT, help="seconds before a dead worker's work moves on"
+    )
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("dev", help="embedded nats-server and a worker for an app (default: the examples)")
+    p.add_argument("app", nargs="?", default=DEV_APP, help=f"module:attribute (default {DEV_APP})")
+    p.add_argument("--port", type=int, default=4222, help="nats-server client port on 127.0.0.1")
+    p.add_argument("--data", default=".meshflow", help="where the embedded server keeps its data")
+    p.add_argument("--namespace", default=env_ns)
+    p.set_defaults(func=_dev)
+
+    p = sub.add_parser("send", help="send an event")
+    p.add_argument("name", help="event name, like user/signup")
+    p.add_argument("--data", default="{}", help="the event's data as a JSON object")
+    p.add_argument("--id", default=None, help="event id (default: a new ULID); the dedupe key")
+    common(p)
+    p.set_defaults(func=_send)
+
+    p = sub.add_parser("run", help="show a run: status, steps, output or error")
+    p.add_argument("run_id")
+    common(p)
+    p.set_defaults(func=_show_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "dev":
+        args.data_dir = Path(args.data).resolve()
+    configure_logging(args.log_level, json=args.log_json)
+    try:
+        _run(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except MeshflowError as exc:
+        print(f"meshflow: {exc}", file=sys.stderr)
+        return 1
+    return 0

