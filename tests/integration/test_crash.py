@@ -110,6 +110,43 @@ async def test_a_worker_killed_mid_step_loses_nothing_and_reruns_no_committed_st
 
 
 @pytest.mark.slow
+async def test_sigterm_lets_in_flight_steps_commit_before_the_worker_exits(
+    nats_server: EmbeddedServer,
+    namespace: str,
+    client: meshflow.Client,
+    workers: list[WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    ledger, gate = tmp_path / "ledger", tmp_path / "gate"
+    first = WorkerProcess(nats_server.url, namespace, ledger, gate)
+    workers.append(first)
+
+    async def registered() -> bool:
+        return any(f.full_id == crashy.full_id for f in await client._store.list_functions())
+
+    await wait_until(registered, timeout=30, message="the worker registered its functions")
+    events = [meshflow.Event(name="crash/go", data={"i": i}) for i in range(3)]
+    await client.send(events)
+    run_ids = [crashy.run_id_for(e) for e in events]
+    await wait_until(
+        lambda: all(ledger_counts(ledger)[(r, "block-start")] for r in run_ids),
+        timeout=30,
+        message="steps running",
+    )
+    first.proc.send_signal(signal.SIGTERM)
+    gate.touch()  # the in-flight steps may now finish; the stopping worker must commit them
+    assert first.proc.wait(30) == 0
+    workers.append(WorkerProcess(nats_server.url, namespace, ledger, gate))
+    runs = [await client.wait_for_run(r, timeout=60) for r in run_ids]
+
+    assert [r.status for r in runs] == [meshflow.RunStatus.COMPLETED] * len(runs)
+    counts = ledger_counts(ledger)
+    for r in run_ids:
+        assert counts[(r, "block-start")] == 1  # committed by the stopping worker: not re-run
+        assert counts[(r, "three")] == 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "sigkill"])
 async def test_a_nats_server_restart_mid_run_loses_no_acknowledged_event(
     tmp_path: Path, namespace: str, kill: bool

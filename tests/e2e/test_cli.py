@@ -1,0 +1,76 @@
+"""The command line as users run it: ``meshflow dev``, ``meshflow send`` and ``meshflow run``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshflow.testing import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def meshflow(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshflow", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+async def test_dev_serves_the_examples_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    log = tmp_path / "dev.log"
+    with log.open("w") as out:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "meshflow", "dev", "--port", str(port), "--data", str(tmp_path / "data")],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    try:
+        await wait_until(lambda: "worker started" in log.read_text(), timeout=30, message="dev stack is up")
+        assert f"nats-server  {url}" in log.read_text()
+
+        sent = meshflow("send", "user/signup", "--data", '{"email": "ada@example.com"}', "--nats", url)
+        assert sent.returncode == 0, sent.stderr
+        event_id = sent.stdout.strip()
+        await wait_until(
+            lambda: "shop-audit-user-events" in log.read_text() and "run completed" in log.read_text()
+        )
+
+        bad = meshflow("send", "user signup", "--nats", url)
+        assert bad.returncode == 1
+        assert "invalid event name" in bad.stderr
+
+        from examples.signup import process_signup
+
+        def signup_sleeping() -> bool:
+            shown = meshflow("run", process_signup.run_id_for(event_id), "--nats", url)
+            return shown.returncode == 0 and json.loads(shown.stdout)["status"] == "sleeping"
+
+        await wait_until(signup_sleeping, timeout=30, message="the signup run sleeps for 3 days")
+    finally:
+        dev.send_signal(signal.SIGINT)
+        code = dev.wait(30)
+    assert code == 0, log.read_text()[-3000:]
+    assert "meshflow dev stopped" in log.read_text()
