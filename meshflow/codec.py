@@ -30,7 +30,7 @@ def encode_value(value: Any, *, what: str) -> msgspec.Raw:
     """Encode ``value`` as JSON, or raise `SerializationError` naming ``what`` (a step, a run)."""
     try:
         return msgspec.Raw(_encoder.encode(value))
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # RecursionError: a cycle
         raise SerializationError(
             f"{what} returned a value meshflow cannot store as JSON ({exc}); return JSON data, "
             "a msgspec Struct, a dataclass or a pydantic model"

@@ -86,7 +86,7 @@ def encode_event(event: Event) -> bytes:
     validate_event(event)
     try:
         return _encoder.encode(event)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # RecursionError: a cycle
         raise EventError(
             f"event {event.name!r} (id {event.id}): data is not JSON-serializable: {exc}"
         ) from exc

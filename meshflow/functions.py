@@ -8,7 +8,7 @@ registry.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -136,7 +136,8 @@ class App:
         """
         fn_id = validate_id(id, what="function id")
         policy = retry_policy(retries, what=f"function {fn_id!r}")
-        patterns = (trigger,) if isinstance(trigger, str) else tuple(trigger)
+        obj: object = trigger  # untyped callers can pass anything; a non-list is checked as one trigger
+        patterns = tuple(obj) if isinstance(obj, Iterable) and not isinstance(obj, str) else (obj,)
         if not patterns:
             raise ConfigError(f"function {fn_id!r}: needs at least one trigger")
         triggers = tuple(_validate_trigger(p, fn=fn_id) for p in patterns)

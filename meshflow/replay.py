@@ -149,7 +149,7 @@ def _retry_delay_ms(exc: BaseException, policy: Retry, failures: int, now: int, 
             if isinstance(exc.delay, dt.datetime) or (
                 isinstance(exc.delay, str) and exc.delay[:1].isdigit() and "T" in exc.delay
             ):
-                when = parse_when(exc.delay)  # type: ignore[arg-type]
+                when = parse_when(exc.delay)
                 return max(0, _ms_at(when) - now)
             return to_ms(parse_duration(exc.delay, what="RetryAfterError delay"))
         except MeshflowError:
