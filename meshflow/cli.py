@@ -75,6 +75,17 @@ async def _worker(args: argparse.Namespace) -> None:
     await worker.serve()
 
 
+def _command() -> str:
+    """How to call this ``meshflow`` again from the current directory (it may not be on PATH)."""
+    exe = Path(sys.argv[0])
+    if exe.name == "meshflow" and exe.is_absolute():
+        try:
+            return str(exe.relative_to(Path.cwd()))
+        except ValueError:
+            return str(exe)
+    return "meshflow"
+
+
 async def _dev(args: argparse.Namespace) -> None:
     apps = load_apps(args.app)
     data = args.data_dir
@@ -82,11 +93,13 @@ async def _dev(args: argparse.Namespace) -> None:
     server.start()  # blocks the loop for the server's start-up only; nothing else runs yet
     try:
         worker = Worker(*apps, nats=server.url, namespace=args.namespace)
+        cmd = _command()
         print(
             f"meshflow dev\n"
             f"  nats-server  {server.url}  (JetStream data in {data})\n"
             f"  functions    {', '.join(sorted(f.full_id for a in apps for f in a.functions))}\n"
-            f'  send events  meshflow send user/signup --data \'{{"email": "a@b.c"}}\' --nats {server.url}\n'
+            f'  send events  {cmd} send user/signup --data \'{{"email": "a@b.c"}}\' --nats {server.url}\n'
+            f"  show a run   {cmd} run RUN_ID --nats {server.url}\n"
             f"  Ctrl-C stops everything.",
             flush=True,
         )
