@@ -90,7 +90,8 @@ def _steps(memos: dict[str, StepMemo], pending: list[Pending]) -> list[StepInfo]
                 error=p.error,
             )
         )
-    return sorted(out, key=lambda s: (s.started_at or 0, s.id))
+    # In execution order: by start, then by end (a step still pending ends last), then by id.
+    return sorted(out, key=lambda s: (s.started_at or 0, s.ended_at or 2**63, s.id))
 
 
 class Client:

@@ -110,3 +110,31 @@ async def test_a_long_sleep_is_visible_and_holds_no_ack_pending_slot(
         )
         assert info.num_ack_pending == 0
         assert not worker._tasks  # no coroutine is kept for the sleeping run
+
+
+async def test_a_step_longer_than_the_ack_wait_is_not_handed_to_another_worker(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    """In-progress acks and lease renewal keep a live worker's long step its own."""
+    app = meshflow.App("slow")
+    executions: Counter[str] = Counter()
+
+    def slow_step() -> str:
+        executions["slow"] += 1
+        time.sleep(3.5)  # the step's own work: over three times the ack wait
+        return "done"
+
+    @app.function("slow", trigger="slow/go")
+    async def slow(ctx: meshflow.Context) -> str:
+        return str(await ctx.step.run("slow-step", slow_step))
+
+    async with (
+        meshflow.Worker(app, nats=nats_server.url, namespace=namespace, ack_wait=1.0),
+        meshflow.Worker(app, nats=nats_server.url, namespace=namespace, ack_wait=1.0),
+    ):
+        event = meshflow.Event(name="slow/go")
+        await client.send(event)
+        run = await client.wait_for_run(slow.run_id_for(event))
+
+    assert run.output == "done"
+    assert executions["slow"] == 1
