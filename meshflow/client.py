@@ -157,9 +157,10 @@ class Client:
         """
 
         async def finished() -> RunRecord:
-            async for record in self._store.watch_run(run_id):
-                if record.status.terminal:
-                    return record
+            async with contextlib.aclosing(self._store.watch_run(run_id)) as records:
+                async for record in records:
+                    if record.status.terminal:
+                        return record
             raise RunNotFoundError(run_id)  # the watch never ends on its own
 
         try:
@@ -216,7 +217,7 @@ class connect:
         nc = await open_nats(self._servers, name="meshflow-client")
         bus = Bus(nc, self._names)
         await bus.ensure_streams()
-        store = await Store(nc, self._names).open()
+        store = await Store(nc, self._names, bus.requests).open()
         self._client = Client(bus, store)
         return self._client
 

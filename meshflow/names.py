@@ -126,3 +126,7 @@ def kv_subject(bucket: str, key: str) -> str:
 def direct_get_subject(stream: str) -> str:
     """The JetStream API subject for (batched) direct gets from a stream."""
     return f"$JS.API.DIRECT.GET.{stream}"
+
+
+HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+HDR_KV_OPERATION = "KV-Operation"

@@ -12,8 +12,9 @@ not a scan of the bucket. nats-py errors never leave this module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
@@ -21,16 +22,24 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
 
-from .bus import NATS_ERRORS
+from .bus import NATS_ERRORS, ApiError, Requester
 from .errors import NatsError
-from .names import Names, direct_get_subject, kv_stream, kv_subject
+from .names import HDR_EXPECTED_LAST_SUBJECT_SEQ, Names, direct_get_subject, kv_stream, kv_subject
 from .runs import RunRecord, StepMemo, decode_memo, decode_run, encode_record
 
 _BATCH = 1000
 
 
 class RunConflict(Exception):
-    """A run record changed since it was read (compare-and-set failed)."""
+    """A run record changed since it was read (compare-and-set failed); never leaves the worker."""
+
+
+class _WrongRevision(Exception):
+    """A KV write's expected revision did not match (internal signal)."""
+
+
+_WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
+_TIMEOUT = 10.0
 
 
 class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,10 +63,11 @@ _info_decoder = msgspec.json.Decoder(FunctionInfo)
 class Store:
     """Reads and writes runs, step memos and the registry of one namespace."""
 
-    def __init__(self, nc: NatsClient, names: Names) -> None:
+    def __init__(self, nc: NatsClient, names: Names, requester: Requester | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=10)
         self.names = names
+        self.requests = requester or Requester(nc)
         self._runs: Any = None
         self._steps: Any = None
         self._registry: Any = None
@@ -90,68 +100,104 @@ class Store:
             except NATS_ERRORS:
                 raise NatsError(f"cannot create bucket {name}: {exc!r}") from exc
 
+    # --- raw KV over the fast request path ---------------------------------------------------
+    async def _get(self, bucket: str, key: str, what: str) -> tuple[bytes, int, str] | None:
+        try:
+            return await self.requests.direct_get(kv_stream(bucket), kv_subject(bucket, key), _TIMEOUT)
+        except ApiError as exc:
+            raise NatsError(f"cannot read {what}: {exc!r}") from exc
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot read {what}: {exc!r}") from exc
+
+    async def _write(self, bucket: str, key: str, value: bytes, last: int, what: str) -> int:
+        """Write ``key`` if its last revision is ``last`` (0: it must not exist); `_WrongRevision` if not."""
+        try:
+            ack = await self.requests.publish(
+                kv_subject(bucket, key), value, {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(last)}, _TIMEOUT
+            )
+        except ApiError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                raise _WrongRevision from None
+            raise NatsError(f"cannot write {what}: {exc.description or exc}") from exc
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot write {what}: {exc!r}") from exc
+        return ack.seq
+
+    async def _create(self, bucket: str, key: str, value: bytes, what: str) -> int | None:
+        """Create ``key``; None if it exists. A deleted key counts as absent."""
+        try:
+            return await self._write(bucket, key, value, 0, what)
+        except _WrongRevision:
+            pass
+        current = await self._get(bucket, key, what)
+        if current is None or not current[2]:
+            return None
+        try:  # the key was deleted: recreate it on top of its delete marker
+            return await self._write(bucket, key, value, current[1], what)
+        except _WrongRevision:
+            return None
+
     # --- runs ---------------------------------------------------------------------------------
     async def get_run(self, run_id: str) -> tuple[RunRecord, int] | None:
         """The run record and its revision, or None."""
-        try:
-            entry = await self._runs.get(run_id)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        got = await self._get(self.names.runs_bucket, run_id, f"run {run_id}")
+        if got is None or got[2]:
             return None
-        except NATS_ERRORS as exc:
-            raise NatsError(f"cannot read run {run_id}: {exc!r}") from exc
-        return decode_run(entry.value), int(entry.revision)
+        return decode_run(got[0]), got[1]
 
     async def create_run(self, record: RunRecord) -> int | None:
         """Store a new run; None when a run with this id exists already (the claim is taken)."""
-        try:
-            return int(await self._runs.create(record.id, encode_record(record)))
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return None
-        except NATS_ERRORS as exc:
-            raise NatsError(f"cannot create run {record.id}: {exc!r}") from exc
+        return await self._create(
+            self.names.runs_bucket, record.id, encode_record(record), f"run {record.id}"
+        )
 
     async def update_run(self, record: RunRecord, revision: int) -> int:
         """Replace the run record if it is still at ``revision``; `RunConflict` otherwise."""
         try:
-            return int(await self._runs.update(record.id, encode_record(record), last=revision))
-        except nats.js.errors.KeyWrongLastSequenceError:
+            return await self._write(
+                self.names.runs_bucket, record.id, encode_record(record), revision, f"run {record.id}"
+            )
+        except _WrongRevision:
             raise RunConflict(record.id) from None
-        except NATS_ERRORS as exc:
-            raise NatsError(f"cannot update run {record.id}: {exc!r}") from exc
 
-    async def watch_run(self, run_id: str) -> AsyncIterator[RunRecord]:
-        """Yield the run record now (if it exists) and on every change."""
+    async def watch_run(self, run_id: str) -> AsyncGenerator[RunRecord, None]:
+        """Yield the run record now (if it exists) and on every change.
+
+        A plain subscription on the record's KV subject, not a JetStream consumer: waiting for
+        thousands of runs costs the server no consumers. It subscribes before reading the
+        current value, so no update can fall between the two.
+        """
+        updates: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_msg(msg: Any) -> None:
+            if msg.data and not (msg.headers and msg.headers.get("KV-Operation")):
+                updates.put_nowait(msg.data)
+
         try:
-            watcher = await self._runs.watch(run_id)
+            sub = await self.nc.subscribe(kv_subject(self.names.runs_bucket, run_id), cb=on_msg)
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot watch run {run_id}: {exc!r}") from exc
         try:
+            current = await self.get_run(run_id)
+            if current is not None:
+                yield current[0]
             while True:
-                try:
-                    entry = await watcher.updates(timeout=3600)
-                except nats.errors.TimeoutError:
-                    continue
-                if entry is not None and entry.value:
-                    yield decode_run(entry.value)
+                yield decode_run(await updates.get())
         finally:
-            await watcher.stop()
+            with contextlib.suppress(*NATS_ERRORS):
+                await sub.unsubscribe()
 
     # --- step memos ---------------------------------------------------------------------------
     async def commit_memo(self, run_id: str, memo: StepMemo) -> StepMemo:
         """Store a step's result unless one is stored; return the stored one (first writer wins)."""
         key = self.names.step_key(run_id, memo.hash)
-        try:
-            await self._steps.create(key, encode_record(memo))
+        what = f"step {memo.id!r} of run {run_id}"
+        if await self._create(self.names.steps_bucket, key, encode_record(memo), what) is not None:
             return memo
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass
-        except NATS_ERRORS as exc:
-            raise NatsError(f"cannot commit step {memo.id!r} of run {run_id}: {exc!r}") from exc
-        try:
-            entry = await self._steps.get(key)
-        except NATS_ERRORS as exc:
-            raise NatsError(f"cannot read step {memo.id!r} of run {run_id}: {exc!r}") from exc
-        return decode_memo(entry.value)
+        stored = await self._get(self.names.steps_bucket, key, what)
+        if stored is None or stored[2]:
+            raise NatsError(f"{what}: the stored result vanished")
+        return decode_memo(stored[0])
 
     async def load_memos(self, run_id: str) -> dict[str, StepMemo]:
         """Every committed step of a run, by step hash: one batched direct get."""

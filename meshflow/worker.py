@@ -110,7 +110,7 @@ class Worker:
         """Connect, provision streams, buckets and consumers, and start pulling."""
         self.nc = await open_nats(self.servers, name=f"meshflow-worker-{self.id}")
         self.bus = Bus(self.nc, self.names)
-        self.store = Store(self.nc, self.names)
+        self.store = Store(self.nc, self.names, self.bus.requests)
         await self.bus.ensure_streams()
         await self.store.open()
         for fn in self.functions.values():
@@ -227,6 +227,11 @@ class Worker:
 
     # --- triggers: event -> run ---------------------------------------------------------------
     async def _on_event(self, fn: Function, msg: Any) -> None:
+        """Claim the event's run and advance it here at once (the claim is also the lease).
+
+        The event is acked only after the run's first pass is written, so a worker dying on the
+        way leaves the event to be redelivered; the redelivery finds the claim and resumes it.
+        """
         try:
             event = decode_event(msg.data)
         except msgspec.DecodeError as exc:
@@ -243,19 +248,19 @@ class Worker:
             app=fn.app_id,
             function=fn.full_id,
             fn=fn.id,
-            status=RunStatus.QUEUED,
+            status=RunStatus.RUNNING,
             events=[event],
             created_at=now,
             updated_at=now,
+            started_at=now,
+            lease=Lease(worker=self.id, until=now + self.lease_ms),
             failure_of=event.data.get("run_id") if fn.failure_of else None,
         )
-        if await self.store.create_run(record) is None:
-            existing = await self.store.get_run(run_id)
-            if existing is not None and existing[0].status is not RunStatus.QUEUED:
-                await msg.ack()  # the run exists and was started: a resent or redelivered event
-                return
-        await self.bus.publish_run(fn, RunMessage(run_id=run_id), msg_id=f"{run_id}:start")
-        await msg.ack()
+        rev = await self.store.create_run(record)
+        if rev is not None:
+            await self._advance(fn, msg, _Holder(record, rev), memos={}, rmsg=None)
+        else:  # claimed before: a resent or redelivered event
+            await self._resume(fn, msg, await self.store.get_run(run_id), rmsg=None)
 
     # --- runs: advance ------------------------------------------------------------------------
     async def _on_run(self, fn: Function, msg: Any) -> None:
@@ -265,14 +270,26 @@ class Worker:
             log.error("undecodable run message dropped", function=fn.full_id, error=str(exc))
             await msg.term()
             return
-        got = await self.store.get_run(rmsg.run_id)
+        await self._resume(fn, msg, await self.store.get_run(rmsg.run_id), rmsg=rmsg)
+
+    async def _resume(
+        self, fn: Function, msg: Any, got: tuple[RunRecord, int] | None, *, rmsg: RunMessage | None
+    ) -> None:
+        """Take the lease of an existing run and advance it, unless there is nothing to do."""
         if got is None:
-            log.warning("run message for an unknown run", run_id=rmsg.run_id, function=fn.full_id)
+            log.warning(
+                "run message for an unknown run", run_id=rmsg.run_id if rmsg else None, function=fn.full_id
+            )
             await msg.ack()
             return
         record, rev = got
         if record.status.terminal:
+            if _redelivered(msg):  # we may have died between writing the record and emitting
+                await self._emit_finished(fn, record)
             await msg.ack()
+            return
+        if rmsg is None and record.status in _SUSPENDED:
+            await msg.ack()  # a resent event for a suspended run: its timers resume it
             return
         now = _now_ms()
         if record.lease is not None and record.lease.worker != self.id and record.lease.until > now:
@@ -290,9 +307,22 @@ class Worker:
         except RunConflict:
             await msg.nak(delay=0.05)
             return
-        holder = _Holder(leased, rev)
-        fresh = record.status is RunStatus.QUEUED and not record.step_failures and not record.pending
-        memos = {} if fresh else await self.store.load_memos(record.id)
+        await self._advance(fn, msg, _Holder(leased, rev), memos=None, rmsg=rmsg, before=record)
+
+    async def _advance(
+        self,
+        fn: Function,
+        msg: Any,
+        holder: _Holder,
+        *,
+        memos: dict[str, StepMemo] | None,
+        rmsg: RunMessage | None,
+        before: RunRecord | None = None,
+    ) -> None:
+        """Replay the leased run, write what came of it, then ack the message."""
+        record = holder.record
+        if memos is None:
+            memos = await self.store.load_memos(record.id)
         beat = asyncio.create_task(self._heartbeat(msg, holder))
         try:
             outcome = await replay.execute(
@@ -311,8 +341,7 @@ class Worker:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
-        redelivered = msg.metadata.num_delivered > 1 if msg.metadata else False
-        await self._finish(fn, holder, record, rmsg, outcome, redelivered)
+        await self._finish(fn, holder, before or record, rmsg, outcome, _redelivered(msg))
         await msg.ack()
 
     async def _heartbeat(self, msg: Any, holder: _Holder) -> None:
@@ -335,7 +364,7 @@ class Worker:
         fn: Function,
         holder: _Holder,
         before: RunRecord,
-        rmsg: RunMessage,
+        rmsg: RunMessage | None,
         outcome: replay.Outcome,
         redelivered: bool,
     ) -> None:
@@ -344,7 +373,7 @@ class Worker:
         if isinstance(outcome, replay.Suspended):
             known = {(p.key, p.until) for p in before.pending}
             for item in outcome.pending:
-                if redelivered or (item.key, item.until) not in known or rmsg.key == item.key:
+                if redelivered or (item.key, item.until) not in known or (rmsg and rmsg.key == item.key):
                     await self.bus.schedule(fn, base.id, item.key, item.until)
             kinds = {p.kind for p in outcome.pending}
             status = RunStatus.SLEEPING if PendingKind.SLEEP in kinds else RunStatus.RETRYING
@@ -407,6 +436,13 @@ class Worker:
                 if current.status.terminal or (current.lease is not None and current.lease.worker != self.id):
                     return  # finished, or taken over by another worker after our lease lapsed
         raise NatsError(f"run {final.id}: could not write its record after 10 conflicting updates")
+
+
+_SUSPENDED = frozenset({RunStatus.SLEEPING, RunStatus.WAITING, RunStatus.RETRYING})
+
+
+def _redelivered(msg: Any) -> bool:
+    return bool(msg.metadata and msg.metadata.num_delivered > 1)
 
 
 def _log_outcome(run: RunRecord) -> None:
