@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from . import bench
 from .bus import ACK_WAIT
 from .client import connect
 from .errors import MeshflowError
@@ -167,6 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     common(p)
     p.set_defaults(func=_show_run)
+
+    p = sub.add_parser("bench", help="benchmark workloads against the raw JetStream limit")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
     return parser
 
 

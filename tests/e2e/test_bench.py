@@ -1,0 +1,73 @@
+"""``meshflow bench`` as users run it: every workload it runs prints one JSON line of figures.
+
+Tiny scale and no assertion about speed: this defends the harness (servers and workers started
+and stopped, every figure present and numeric), not meshflow's performance.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FIGURES = {
+    "RAW": ["kv_create_per_s", "publish_per_s", "step_seq_per_s", "step_pipelined_per_s"],
+    "W1": ["runs_per_s", "steps_per_s", "wall_s"],
+    "W2": ["p50_ms", "p95_ms", "p99_ms"],
+    "W3": ["lateness_p50_ms", "lateness_p99_ms", "early_wakes", "wall_s"],
+    "W4": ["p50_ms", "p95_ms", "p99_ms", "runs_per_s"],
+    "W7": ["events_per_s"],
+}
+RATIOS = {"W1", "W7"}
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_bench_prints_one_line_of_numeric_figures_per_workload(tmp_path: Path) -> None:
+    out = tmp_path / "bench.jsonl"
+    args = [*FIGURES, "--runs", "1", "--scale", "0.01", "--out", str(out)]
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "meshflow", "bench", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = bench.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        bench.terminate()  # SIGTERM: the bench stops its server and workers on the way out
+        _, stderr = bench.communicate(timeout=30)
+        pytest.fail(f"meshflow bench did not finish within 180 s:\n{stderr[-3000:]}")
+    assert bench.returncode == 0, stderr[-3000:]
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert [line["workload"] for line in lines] == list(FIGURES)
+    assert out.read_text().splitlines() == stdout.splitlines()
+
+    for line in lines:
+        name = line["workload"]
+        assert line["runs"] == 1
+        assert line["sync_interval"] == "default"
+        assert line["incomplete"] is False, line
+        for figure in FIGURES[name]:
+            stats = line[figure]
+            assert set(stats) == {"median", "min", "max"}, (name, figure)
+            assert all(is_number(v) for v in stats.values()), (name, figure, stats)
+        assert is_number(line["cpu_s"]["server"]["median"])
+        assert is_number(line["cpu_s"]["driver"]["median"])
+        if name != "RAW":
+            assert is_number(line["cpu_s"]["worker"]["median"])
+            assert set(line["raw"]) == set(FIGURES["RAW"])
+        if name in RATIOS:
+            assert is_number(line["ratio"]["value"])
+    assert lines[3]["early_wakes"]["max"] == 0  # W3: a sleep never wakes early
+    assert "W1 run 1/1" in stderr
