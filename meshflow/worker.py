@@ -38,6 +38,13 @@ from .names import EVENT_FUNCTION_FAILED, EVENT_FUNCTION_FINISHED, HDR_MSG_ID, N
 from .runs import NULL, Lease, PendingKind, RunRecord, RunStatus, StepMemo
 from .store import FunctionInfo, RunConflict, Store
 
+#: A timer due within this horizon is also armed in the worker that suspended the run: the
+#: server's scheduler re-arms no sooner than every 250 ms, too coarse for short sleeps and
+#: backoffs. The durable schedule stays armed; whichever fires first resumes the run (the other
+#: finds nothing pending and is acked), and a worker crash falls back to the schedule.
+LOCAL_TIMER_HORIZON_MS = 60_000
+#: At most this many local timers per worker (a small handle each); beyond it, schedules alone.
+MAX_LOCAL_TIMERS = 10_000
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
 
@@ -99,6 +106,10 @@ class Worker:
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        # Runs this worker is advancing now. The lease keeps other workers out; this keeps out a
+        # second message for the same run here (a timer's twin, two parallel sleeps waking).
+        self._active: set[str] = set()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self.nc: Any = None
@@ -145,6 +156,9 @@ class Worker:
             await self._stopped.wait()
             return
         self._stopping.set()
+        for handle in self._timers.values():
+            handle.cancel()  # their durable schedules remain
+        self._timers.clear()
         for loop_task in self._loops:
             loop_task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -288,12 +302,17 @@ class Worker:
                 await self._emit_finished(fn, record)
             await msg.ack()
             return
-        if rmsg is None and record.status in _SUSPENDED:
-            await msg.ack()  # a resent event for a suspended run: its timers resume it
+        if record.status in _SUSPENDED and (
+            rmsg is None  # a resent event for a suspended run: its timers resume it
+            or (rmsg.reason == "timer" and all(p.key != rmsg.key for p in record.pending))
+        ):
+            await msg.ack()  # or a timer whose item was resumed already (its twin fired first)
             return
         now = _now_ms()
-        if record.lease is not None and record.lease.worker != self.id and record.lease.until > now:
-            await msg.nak(delay=0.25)  # another worker is advancing it; look again shortly
+        lease = record.lease
+        held_elsewhere = lease is not None and lease.worker != self.id and lease.until > now
+        if held_elsewhere or record.id in self._active:
+            await msg.nak(delay=0.25)  # being advanced right now; look again shortly
             return
         leased = msgspec.structs.replace(
             record,
@@ -320,6 +339,26 @@ class Worker:
         before: RunRecord | None = None,
     ) -> None:
         """Replay the leased run, write what came of it, then ack the message."""
+        record = holder.record
+        if record.id in self._active:  # claimed by a pass of ours since we read it
+            await msg.nak(delay=0.25)
+            return
+        self._active.add(record.id)
+        try:
+            await self._advance_leased(fn, msg, holder, memos=memos, rmsg=rmsg, before=before)
+        finally:
+            self._active.discard(record.id)
+
+    async def _advance_leased(
+        self,
+        fn: Function,
+        msg: Any,
+        holder: _Holder,
+        *,
+        memos: dict[str, StepMemo] | None,
+        rmsg: RunMessage | None,
+        before: RunRecord | None,
+    ) -> None:
         record = holder.record
         if memos is None:
             memos = await self.store.load_memos(record.id)
@@ -372,9 +411,13 @@ class Worker:
         base = holder.record
         if isinstance(outcome, replay.Suspended):
             known = {(p.key, p.until) for p in before.pending}
-            for item in outcome.pending:
-                if redelivered or (item.key, item.until) not in known or (rmsg and rmsg.key == item.key):
-                    await self.bus.schedule(fn, base.id, item.key, item.until)
+            rearm = [
+                item
+                for item in outcome.pending
+                if redelivered or (item.key, item.until) not in known or (rmsg and rmsg.key == item.key)
+            ]
+            for item in rearm:
+                await self.bus.schedule(fn, base.id, item.key, item.until)
             kinds = {p.kind for p in outcome.pending}
             status = RunStatus.SLEEPING if PendingKind.SLEEP in kinds else RunStatus.RETRYING
             final = msgspec.structs.replace(
@@ -401,9 +444,46 @@ class Worker:
                 ended_at=now,
                 updated_at=now,
             )
-            await self._emit_finished(fn, final)
+            # Both at once: a crash between them leaves the message unacked, and its redelivery
+            # finds the terminal record and emits again (deduplicated by the event id).
+            await asyncio.gather(self._emit_finished(fn, final), self._write_final(holder, final))
+            _log_outcome(final)
+            return
         await self._write_final(holder, final)
+        for item in rearm:
+            self._arm_local_timer(fn, base.id, item.key, item.until)
         _log_outcome(final)
+
+    # --- local timers -------------------------------------------------------------------------
+    def _arm_local_timer(self, fn: Function, run_id: str, key: str, until: int) -> None:
+        delay_ms = until - _now_ms()
+        if delay_ms > LOCAL_TIMER_HORIZON_MS or len(self._timers) >= MAX_LOCAL_TIMERS:
+            return
+        if self._stopping.is_set():
+            return
+        old = self._timers.pop((run_id, key), None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        # +1 ms: the loop's clock may round a deadline down; a wake must never come early.
+        self._timers[(run_id, key)] = loop.call_later(
+            max(0, delay_ms + 1) / 1000, self._fire_local_timer, fn, run_id, key, until
+        )
+
+    def _fire_local_timer(self, fn: Function, run_id: str, key: str, until: int) -> None:
+        self._timers.pop((run_id, key), None)
+        if self._stopping.is_set():
+            return
+        task = asyncio.ensure_future(self._wake(fn, run_id, key, until))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wake(self, fn: Function, run_id: str, key: str, until: int) -> None:
+        wake = RunMessage(run_id=run_id, reason="timer", key=key)
+        try:
+            await self.bus.publish_run(fn, wake, msg_id=f"{run_id}:{key}:{until}")
+        except MeshflowError as exc:  # the durable schedule will still fire
+            log.warning("local timer could not wake the run", run_id=run_id, error=str(exc))
 
     async def _emit_finished(self, fn: Function, run: RunRecord) -> None:
         data: dict[str, Any] = {

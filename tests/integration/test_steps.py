@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 
@@ -138,3 +139,29 @@ async def test_a_step_longer_than_the_ack_wait_is_not_handed_to_another_worker(
 
     assert run.output == "done"
     assert executions["slow"] == 1
+
+
+async def test_parallel_sleeps_waking_together_run_the_next_step_once(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    """Each sleep has a local timer and a durable schedule: four wake messages, one pass at a time."""
+    app = meshflow.App("twins")
+    after: Counter[str] = Counter()
+
+    def slow_after(run_id: str) -> str:
+        after[run_id] += 1
+        time.sleep(0.3)  # long enough for the twin wake messages to arrive meanwhile
+        return "after"
+
+    @app.function("twins", trigger="twins/go")
+    async def twins(ctx: meshflow.Context) -> str:
+        await asyncio.gather(ctx.step.sleep("left", "1s"), ctx.step.sleep("right", "1s"))
+        return str(await ctx.step.run("after", slow_after, ctx.run_id))
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        events = [meshflow.Event(name="twins/go") for _ in range(10)]
+        await client.send(events)
+        runs = [await client.wait_for_run(twins.run_id_for(e)) for e in events]
+
+    assert [r.output for r in runs] == ["after"] * 10
+    assert all(after[r.id] == 1 for r in runs), after
