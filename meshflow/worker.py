@@ -35,7 +35,7 @@ from .events import Event, decode_event, encode_event
 from .functions import App, Function
 from .ids import new_ulid
 from .names import EVENT_FUNCTION_FAILED, EVENT_FUNCTION_FINISHED, HDR_MSG_ID, Names
-from .runs import NULL, Lease, PendingKind, RunRecord, RunStatus, StepMemo
+from .runs import NULL, Lease, PendingKind, RunRecord, RunStatus, StepMemo, encode_record
 from .store import FunctionInfo, RunConflict, Store
 
 #: A timer due within this horizon is also armed in the worker that suspended the run: the
@@ -45,6 +45,11 @@ from .store import FunctionInfo, RunConflict, Store
 LOCAL_TIMER_HORIZON_MS = 60_000
 #: At most this many local timers per worker (a small handle each); beyond it, schedules alone.
 MAX_LOCAL_TIMERS = 10_000
+#: A run with a local timer keeps its record and memos here until it wakes, if they are this
+#: small, so the wake resumes it at once instead of via a message, a re-read and a memo load.
+WARM_STATE_BYTES = 16 * 1024
+#: ... and no more than this in all, so warm state stays a bounded cache, not a second store.
+WARM_TOTAL_BYTES = 16 * 1024 * 1024
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
 
@@ -58,12 +63,15 @@ def _now_ms() -> int:
 class _StoreEffects:
     """The engine's one effect: committing a memo to the steps bucket."""
 
-    def __init__(self, store: Store, run_id: str) -> None:
+    def __init__(self, store: Store, run_id: str, memos: dict[str, StepMemo]) -> None:
         self.store = store
         self.run_id = run_id
+        self.memos = dict(memos)  # what is committed now: the pass's memos plus its commits
 
     async def commit(self, memo: StepMemo) -> StepMemo:
-        return await self.store.commit_memo(self.run_id, memo)
+        stored = await self.store.commit_memo(self.run_id, memo)
+        self.memos[stored.hash] = stored
+        return stored
 
 
 class Worker:
@@ -104,9 +112,12 @@ class Worker:
         self.lease_ms = int(ack_wait * 1000)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_ulid()[-6:]}"
         self._slots = asyncio.Semaphore(concurrency)
+        self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._warm: dict[str, tuple[RunRecord, int, dict[str, StepMemo], int]] = {}
+        self._warm_bytes = 0
         # Runs this worker is advancing now. The lease keeps other workers out; this keeps out a
         # second message for the same run here (a timer's twin, two parallel sleeps waking).
         self._active: set[str] = set()
@@ -159,6 +170,8 @@ class Worker:
         for handle in self._timers.values():
             handle.cancel()  # their durable schedules remain
         self._timers.clear()
+        self._warm.clear()
+        self._warm_bytes = 0
         for loop_task in self._loops:
             loop_task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -195,30 +208,29 @@ class Worker:
     async def _pull_loop(
         self, sub: Any, fn: Function, handle: Callable[[Function, Any], Awaitable[None]]
     ) -> None:
+        """Fetch as many messages as there are free slots and work on each in its own task.
+
+        Slots are taken per message received, not held across the long-poll fetch: an idle
+        consumer must not sit on the slots a busy one needs.
+        """
         backoff = 0.05
         while not self._stopping.is_set():
-            await self._slots.acquire()
-            want = 1
-            while want < _MAX_FETCH and not self._slots.locked():
-                await self._slots.acquire()
-                want += 1
+            await self._slots.acquire()  # wait for one free slot, then size the batch by all free
+            self._slots.release()
+            want = max(1, min(_MAX_FETCH, self.concurrency - self._inflight))
             try:
                 msgs = await sub.fetch(want, timeout=_FETCH_TIMEOUT)
                 backoff = 0.05
             except (TimeoutError, nats.errors.TimeoutError):
                 msgs = []
-            except asyncio.CancelledError:
-                for _ in range(want):
-                    self._slots.release()
-                raise
             except Exception as exc:  # connection lost, server restarting: keep trying
                 msgs = []
                 log.warning("fetch failed; retrying", function=fn.full_id, error=repr(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
-            for _ in range(want - len(msgs)):
-                self._slots.release()
             for msg in msgs:
+                await self._slots.acquire()  # a few over a racing loop's share wait here, briefly
+                self._inflight += 1
                 task = asyncio.create_task(self._guard(fn, msg, handle))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -237,6 +249,7 @@ class Worker:
             with contextlib.suppress(*NATS_ERRORS):
                 await msg.nak(delay=1.0)
         finally:
+            self._inflight -= 1
             self._slots.release()
 
     # --- triggers: event -> run ---------------------------------------------------------------
@@ -352,7 +365,7 @@ class Worker:
     async def _advance_leased(
         self,
         fn: Function,
-        msg: Any,
+        msg: Any | None,
         holder: _Holder,
         *,
         memos: dict[str, StepMemo] | None,
@@ -362,6 +375,7 @@ class Worker:
         record = holder.record
         if memos is None:
             memos = await self.store.load_memos(record.id)
+        effects = _StoreEffects(self.store, record.id, memos)
         beat = asyncio.create_task(self._heartbeat(msg, holder))
         try:
             outcome = await replay.execute(
@@ -374,21 +388,23 @@ class Worker:
                     pending=record.pending,
                     step_failures=record.step_failures,
                 ),
-                _StoreEffects(self.store, record.id),
+                effects,
             )
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
-        await self._finish(fn, holder, before or record, rmsg, outcome, _redelivered(msg))
-        await msg.ack()
+        await self._finish(fn, holder, before or record, rmsg, outcome, _redelivered(msg), effects.memos)
+        if msg is not None:
+            await msg.ack()
 
-    async def _heartbeat(self, msg: Any, holder: _Holder) -> None:
+    async def _heartbeat(self, msg: Any | None, holder: _Holder) -> None:
         """While a long pass runs: keep the message from redelivery and renew the lease."""
         while True:
             await asyncio.sleep(self.ack_wait / 3)
-            with contextlib.suppress(*NATS_ERRORS):
-                await msg.in_progress()
+            if msg is not None:
+                with contextlib.suppress(*NATS_ERRORS):
+                    await msg.in_progress()
             renewed = msgspec.structs.replace(
                 holder.record,
                 lease=Lease(worker=self.id, until=_now_ms() + self.lease_ms),
@@ -406,6 +422,7 @@ class Worker:
         rmsg: RunMessage | None,
         outcome: replay.Outcome,
         redelivered: bool,
+        memos: dict[str, StepMemo],
     ) -> None:
         now = _now_ms()
         base = holder.record
@@ -450,17 +467,22 @@ class Worker:
             _log_outcome(final)
             return
         await self._write_final(holder, final)
-        for item in rearm:
-            self._arm_local_timer(fn, base.id, item.key, item.until)
+        armed = [item for item in rearm if self._arm_local_timer(fn, base.id, item.key, item.until)]
+        if armed and holder.record is final:
+            size = _size(final, memos)
+            if size <= WARM_STATE_BYTES and self._warm_bytes + size <= WARM_TOTAL_BYTES:
+                self._drop_warm(base.id)
+                self._warm[base.id] = (final, holder.rev, memos, size)
+                self._warm_bytes += size
         _log_outcome(final)
 
     # --- local timers -------------------------------------------------------------------------
-    def _arm_local_timer(self, fn: Function, run_id: str, key: str, until: int) -> None:
+    def _arm_local_timer(self, fn: Function, run_id: str, key: str, until: int) -> bool:
         delay_ms = until - _now_ms()
         if delay_ms > LOCAL_TIMER_HORIZON_MS or len(self._timers) >= MAX_LOCAL_TIMERS:
-            return
+            return False
         if self._stopping.is_set():
-            return
+            return False
         old = self._timers.pop((run_id, key), None)
         if old is not None:
             old.cancel()
@@ -469,6 +491,7 @@ class Worker:
         self._timers[(run_id, key)] = loop.call_later(
             max(0, delay_ms + 1) / 1000, self._fire_local_timer, fn, run_id, key, until
         )
+        return True
 
     def _fire_local_timer(self, fn: Function, run_id: str, key: str, until: int) -> None:
         self._timers.pop((run_id, key), None)
@@ -480,10 +503,57 @@ class Worker:
 
     async def _wake(self, fn: Function, run_id: str, key: str, until: int) -> None:
         wake = RunMessage(run_id=run_id, reason="timer", key=key)
+        warm = self._drop_warm(run_id)
+        if warm is not None and await self._resume_warm(fn, warm, wake):
+            return
         try:
             await self.bus.publish_run(fn, wake, msg_id=f"{run_id}:{key}:{until}")
         except MeshflowError as exc:  # the durable schedule will still fire
             log.warning("local timer could not wake the run", run_id=run_id, error=str(exc))
+
+    def _drop_warm(self, run_id: str) -> tuple[RunRecord, int, dict[str, StepMemo]] | None:
+        entry = self._warm.pop(run_id, None)
+        if entry is None:
+            return None
+        self._warm_bytes -= entry[3]
+        return entry[0], entry[1], entry[2]
+
+    async def _resume_warm(
+        self, fn: Function, warm: tuple[RunRecord, int, dict[str, StepMemo]], wake: RunMessage
+    ) -> bool:
+        """Advance a run from the state this worker wrote when it suspended it; False to fall back.
+
+        The lease is taken by compare-and-set on the revision we wrote, so any change since
+        (another worker, a cancel) makes this decline and the wake go through the stream.
+        """
+        record, rev, memos = warm
+        if record.id in self._active:
+            return False
+        now = _now_ms()
+        leased = msgspec.structs.replace(
+            record,
+            status=RunStatus.RUNNING,
+            lease=Lease(worker=self.id, until=now + self.lease_ms),
+            updated_at=now,
+        )
+        await self._slots.acquire()
+        self._inflight += 1
+        try:
+            try:
+                rev = await self.store.update_run(leased, rev)
+            except (RunConflict, NatsError):
+                return False
+            self._active.add(record.id)
+            try:
+                await self._advance_leased(
+                    fn, None, _Holder(leased, rev), memos=memos, rmsg=wake, before=record
+                )
+            finally:
+                self._active.discard(record.id)
+            return True
+        finally:
+            self._inflight -= 1
+            self._slots.release()
 
     async def _emit_finished(self, fn: Function, run: RunRecord) -> None:
         data: dict[str, Any] = {
@@ -507,6 +577,7 @@ class Worker:
         for _ in range(10):
             try:
                 holder.rev = await self.store.update_run(final, holder.rev)
+                holder.record = final
                 return
             except RunConflict:
                 got = await self.store.get_run(final.id)
@@ -521,8 +592,13 @@ class Worker:
 _SUSPENDED = frozenset({RunStatus.SLEEPING, RunStatus.WAITING, RunStatus.RETRYING})
 
 
-def _redelivered(msg: Any) -> bool:
-    return bool(msg.metadata and msg.metadata.num_delivered > 1)
+def _redelivered(msg: Any | None) -> bool:
+    return bool(msg is not None and msg.metadata and msg.metadata.num_delivered > 1)
+
+
+def _size(record: RunRecord, memos: dict[str, StepMemo]) -> int:
+    """Roughly the bytes warm state holds: the encoded record plus each memo's output."""
+    return len(encode_record(record)) + sum(len(m.output) + 200 for m in memos.values())
 
 
 def _log_outcome(run: RunRecord) -> None:
