@@ -132,8 +132,8 @@ class Client:
             raise RunNotFoundError(f"no run with id {run_id!r} in namespace {self.names.ns!r}")
         return await self._view(got[0])
 
-    async def _view(self, record: RunRecord) -> Run:
-        memos = await self._store.load_memos(record.id)
+    async def _view(self, record: RunRecord, *, steps: bool = True) -> Run:
+        memos = await self._store.load_memos(record.id) if steps else {}
         return Run(
             id=record.id,
             function_id=record.function,
@@ -149,8 +149,20 @@ class Client:
             steps=_steps(memos, record.pending),
         )
 
-    async def wait_for_run(self, run_id: str, *, timeout: float = 30.0) -> Run:  # noqa: ASYNC109 - the API is 'wait up to N s'
+    async def wait_for_run(
+        self,
+        run_id: str,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109 - the API is 'wait up to N s'
+        steps: bool = True,
+    ) -> Run:
         """Wait until the run exists and reaches a terminal status, then return it.
+
+        Args:
+            run_id: the run (``fn.run_id_for(event)`` gives it right after sending).
+            timeout: seconds to wait at most.
+            steps: also read the run's steps (one more read); ``False`` when only the status,
+                output or error matter, and ``Run.steps`` is then empty.
 
         Raises:
             RunTimeoutError: it did not finish within ``timeout`` seconds.
@@ -171,7 +183,7 @@ class Client:
             raise RunTimeoutError(
                 f"run {run_id} did not finish within {timeout}s (status: {status})"
             ) from None
-        return await self._view(record)
+        return await self._view(record, steps=steps)
 
     async def runs_for_event(self, event_id: str) -> list[Run]:
         """The runs one event started, one per function it triggered (as far as they exist yet)."""

@@ -76,7 +76,9 @@ async def w2(ctx: Ctx) -> Measured:
         started = time.perf_counter()
         try:
             await asyncio.wait_for(ctx.client.send(event), ctx.remaining())
-            run = await ctx.client.wait_for_run(fn.run_id_for(event), timeout=max(0.0, ctx.remaining()))
+            run = await ctx.client.wait_for_run(
+                fn.run_id_for(event), timeout=max(0.0, ctx.remaining()), steps=False
+            )
         except (TimeoutError, RunTimeoutError):
             incomplete = True
             break
@@ -124,7 +126,10 @@ async def w4(ctx: Ctx) -> Measured:
     for i in range(n):
         event = Event(name=apps.TRIGGER_W4, data={"i": i})
         started = time.perf_counter()
-        waits = (ctx.client.wait_for_run(fn.run_id_for(event), timeout=_RUN_TIMEOUT) for fn in apps.FANOUT)
+        waits = (
+            ctx.client.wait_for_run(fn.run_id_for(event), timeout=_RUN_TIMEOUT, steps=False)
+            for fn in apps.FANOUT
+        )
         try:
             await asyncio.wait_for(ctx.client.send(event), ctx.remaining())
             runs = await asyncio.wait_for(asyncio.gather(*waits), ctx.remaining())
