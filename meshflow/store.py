@@ -40,6 +40,8 @@ class _WrongRevision(Exception):
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
 _TIMEOUT = 10.0
+_WATCH_POLL_FIRST = 0.05
+_WATCH_POLL_MAX = 1.0
 
 
 class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -163,9 +165,11 @@ class Store:
     async def watch_run(self, run_id: str) -> AsyncGenerator[RunRecord, None]:
         """Yield the run record now (if it exists) and on every change.
 
-        A plain subscription on the record's KV subject, not a JetStream consumer: waiting for
-        thousands of runs costs the server no consumers. It subscribes before reading the
-        current value, so no update can fall between the two.
+        A plain subscription on the record's KV subject, not a JetStream consumer, so waiting
+        for thousands of runs costs the server no consumers. Core subscribers get a write when
+        the server receives it, before the stream has stored it; a write that arrives between
+        our subscribing and our read can therefore reach neither. So while no update comes, the
+        record is read again on a backoff (50 ms, doubling to 1 s) and yielded when it changed.
         """
         updates: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -178,11 +182,24 @@ class Store:
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot watch run {run_id}: {exc!r}") from exc
         try:
+            seen = 0  # the newest revision a read returned
+            poll = _WATCH_POLL_FIRST
             current = await self.get_run(run_id)
             if current is not None:
+                seen = current[1]
                 yield current[0]
             while True:
-                yield decode_run(await updates.get())
+                try:
+                    raw = await asyncio.wait_for(updates.get(), poll)
+                except TimeoutError:
+                    poll = min(poll * 2, _WATCH_POLL_MAX)
+                    current = await self.get_run(run_id)
+                    if current is not None and current[1] > seen:
+                        seen = current[1]
+                        yield current[0]
+                    continue
+                poll = _WATCH_POLL_FIRST
+                yield decode_run(raw)
         finally:
             with contextlib.suppress(*NATS_ERRORS):
                 await sub.unsubscribe()

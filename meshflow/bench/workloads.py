@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import msgspec
@@ -136,7 +137,9 @@ async def w4(ctx: Ctx) -> Measured:
         except TimeoutError:
             break
         latencies.append((time.perf_counter() - started) * 1000)
-        if any(run.status is not RunStatus.COMPLETED for run in runs):
+        failed = [run for run in runs if run.status is not RunStatus.COMPLETED]
+        if failed:  # say why on stderr: an incomplete line must be explainable
+            print(f"W4: run {failed[0].id} ended {failed[0].status}: {failed[0].error}", file=sys.stderr)
             break
     wall = time.perf_counter() - first
     figures = latency_figures(latencies)
