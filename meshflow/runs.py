@@ -14,7 +14,9 @@ from enum import StrEnum
 
 import msgspec
 
+from .codec import decode_value
 from .events import Event
+from .names import EVENT_FUNCTION_FAILED, EVENT_FUNCTION_FINISHED
 
 #: The stored form of "no value" (msgspec cannot decode ``Raw | None``, so no-value is JSON null).
 NULL = msgspec.Raw(b"null")
@@ -151,3 +153,22 @@ def decode_run(raw: bytes) -> RunRecord:
 
 def decode_memo(raw: bytes) -> StepMemo:
     return _memo_decoder.decode(raw)
+
+
+def finished_events(run: RunRecord, *, handles_failures: bool) -> list[Event]:
+    """The events a run emits when it ends: ``meshflow/function.finished``, and for a failure
+    ``meshflow/function.failed`` with the original event (which starts ``on_failure``).
+
+    Their ids derive from the run, so emitting again after a crash is deduplicated. A failing
+    ``on_failure`` run emits no ``failed`` event of its own, so failures cannot cascade.
+    """
+    data: dict[str, object] = {"function_id": run.function, "run_id": run.id, "status": str(run.status)}
+    if run.status is RunStatus.COMPLETED:
+        data["output"] = decode_value(run.output)
+    if run.error is not None:
+        data["error"] = msgspec.to_builtins(run.error)
+    events = [Event(name=EVENT_FUNCTION_FINISHED, id=f"{run.id}:finished", data=data)]
+    if run.status is RunStatus.FAILED and not handles_failures:
+        failed = {**data, "event": msgspec.to_builtins(run.events[0])}
+        events.append(Event(name=EVENT_FUNCTION_FAILED, id=f"{run.id}:failed", data=failed))
+    return events

@@ -9,7 +9,12 @@ timers first (a crash then only lengthens a sleep), then emitted events (so a re
 re-emits with the same dedupe id), then the run record. A message whose run is leased by another
 live worker is nak'ed with a short delay; a lease that is not renewed expires with ``ACK_WAIT``.
 
-In-flight work is bounded by ``concurrency``; suspended runs hold nothing here.
+In-flight work is bounded by ``concurrency``; suspended runs hold nothing here (local timers
+for near deadlines aside, see ``timers``).
+
+It is one module, over the usual size, because claiming, leasing, advancing and writing a run's
+outcome share one set of ordering rules (what is written before which ack); split across files
+they would be harder to check together.
 """
 
 from __future__ import annotations
@@ -29,27 +34,15 @@ import structlog
 
 from . import replay
 from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, decode_run_message, open_nats
-from .codec import decode_value
 from .errors import MeshflowError, NatsError
-from .events import Event, decode_event, encode_event
+from .events import decode_event, encode_event
 from .functions import App, Function
 from .ids import new_ulid
-from .names import EVENT_FUNCTION_FAILED, EVENT_FUNCTION_FINISHED, HDR_MSG_ID, Names
-from .runs import NULL, Lease, PendingKind, RunRecord, RunStatus, StepMemo, encode_record
+from .names import HDR_MSG_ID, Names
+from .runs import NULL, Lease, PendingKind, RunRecord, RunStatus, StepMemo, finished_events
 from .store import FunctionInfo, RunConflict, Store
+from .timers import LocalTimers, WarmRun
 
-#: A timer due within this horizon is also armed in the worker that suspended the run: the
-#: server's scheduler re-arms no sooner than every 250 ms, too coarse for short sleeps and
-#: backoffs. The durable schedule stays armed; whichever fires first resumes the run (the other
-#: finds nothing pending and is acked), and a worker crash falls back to the schedule.
-LOCAL_TIMER_HORIZON_MS = 60_000
-#: At most this many local timers per worker (a small handle each); beyond it, schedules alone.
-MAX_LOCAL_TIMERS = 10_000
-#: A run with a local timer keeps its record and memos here until it wakes, if they are this
-#: small, so the wake resumes it at once instead of via a message, a re-read and a memo load.
-WARM_STATE_BYTES = 16 * 1024
-#: ... and no more than this in all, so warm state stays a bounded cache, not a second store.
-WARM_TOTAL_BYTES = 16 * 1024 * 1024
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
 
@@ -115,9 +108,7 @@ class Worker:
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
-        self._warm: dict[str, tuple[RunRecord, int, dict[str, StepMemo], int]] = {}
-        self._warm_bytes = 0
+        self._timers = LocalTimers()
         # Runs this worker is advancing now. The lease keeps other workers out; this keeps out a
         # second message for the same run here (a timer's twin, two parallel sleeps waking).
         self._active: set[str] = set()
@@ -167,11 +158,7 @@ class Worker:
             await self._stopped.wait()
             return
         self._stopping.set()
-        for handle in self._timers.values():
-            handle.cancel()  # their durable schedules remain
-        self._timers.clear()
-        self._warm.clear()
-        self._warm_bytes = 0
+        self._timers.close()  # their durable schedules remain
         for loop_task in self._loops:
             loop_task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -469,41 +456,21 @@ class Worker:
         await self._write_final(holder, final)
         armed = [item for item in rearm if self._arm_local_timer(fn, base.id, item.key, item.until)]
         if armed and holder.record is final:
-            size = _size(final, memos)
-            if size <= WARM_STATE_BYTES and self._warm_bytes + size <= WARM_TOTAL_BYTES:
-                self._drop_warm(base.id)
-                self._warm[base.id] = (final, holder.rev, memos, size)
-                self._warm_bytes += size
+            self._timers.keep_warm(final, holder.rev, memos)
         _log_outcome(final)
 
     # --- local timers -------------------------------------------------------------------------
     def _arm_local_timer(self, fn: Function, run_id: str, key: str, until: int) -> bool:
-        delay_ms = until - _now_ms()
-        if delay_ms > LOCAL_TIMER_HORIZON_MS or len(self._timers) >= MAX_LOCAL_TIMERS:
-            return False
-        if self._stopping.is_set():
-            return False
-        old = self._timers.pop((run_id, key), None)
-        if old is not None:
-            old.cancel()
-        loop = asyncio.get_running_loop()
-        # +1 ms: the loop's clock may round a deadline down; a wake must never come early.
-        self._timers[(run_id, key)] = loop.call_later(
-            max(0, delay_ms + 1) / 1000, self._fire_local_timer, fn, run_id, key, until
-        )
-        return True
+        def fire() -> None:
+            task = asyncio.ensure_future(self._wake(fn, run_id, key, until))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _fire_local_timer(self, fn: Function, run_id: str, key: str, until: int) -> None:
-        self._timers.pop((run_id, key), None)
-        if self._stopping.is_set():
-            return
-        task = asyncio.ensure_future(self._wake(fn, run_id, key, until))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        return self._timers.arm(run_id, key, until, fire)
 
     async def _wake(self, fn: Function, run_id: str, key: str, until: int) -> None:
         wake = RunMessage(run_id=run_id, reason="timer", key=key)
-        warm = self._drop_warm(run_id)
+        warm = self._timers.take_warm(run_id)
         if warm is not None and await self._resume_warm(fn, warm, wake):
             return
         try:
@@ -511,22 +478,13 @@ class Worker:
         except MeshflowError as exc:  # the durable schedule will still fire
             log.warning("local timer could not wake the run", run_id=run_id, error=str(exc))
 
-    def _drop_warm(self, run_id: str) -> tuple[RunRecord, int, dict[str, StepMemo]] | None:
-        entry = self._warm.pop(run_id, None)
-        if entry is None:
-            return None
-        self._warm_bytes -= entry[3]
-        return entry[0], entry[1], entry[2]
-
-    async def _resume_warm(
-        self, fn: Function, warm: tuple[RunRecord, int, dict[str, StepMemo]], wake: RunMessage
-    ) -> bool:
+    async def _resume_warm(self, fn: Function, warm: WarmRun, wake: RunMessage) -> bool:
         """Advance a run from the state this worker wrote when it suspended it; False to fall back.
 
         The lease is taken by compare-and-set on the revision we wrote, so any change since
         (another worker, a cancel) makes this decline and the wake go through the stream.
         """
-        record, rev, memos = warm
+        record, rev, memos = warm.record, warm.revision, warm.memos
         if record.id in self._active:
             return False
         now = _now_ms()
@@ -556,19 +514,7 @@ class Worker:
             self._slots.release()
 
     async def _emit_finished(self, fn: Function, run: RunRecord) -> None:
-        data: dict[str, Any] = {
-            "function_id": fn.full_id,
-            "run_id": run.id,
-            "status": str(run.status),
-        }
-        if run.status is RunStatus.COMPLETED:
-            data["output"] = decode_value(run.output)
-        if run.error is not None:
-            data["error"] = msgspec.to_builtins(run.error)
-        events = [Event(name=EVENT_FUNCTION_FINISHED, id=f"{run.id}:finished", data=data)]
-        if run.status is RunStatus.FAILED and fn.failure_of is None:
-            failed = {**data, "event": msgspec.to_builtins(run.events[0])}
-            events.append(Event(name=EVENT_FUNCTION_FAILED, id=f"{run.id}:failed", data=failed))
+        events = finished_events(run, handles_failures=fn.failure_of is not None)
         await self.bus.publish_many(
             [(self.names.event_subject(e.name), encode_event(e), {HDR_MSG_ID: e.id}) for e in events]
         )
@@ -594,11 +540,6 @@ _SUSPENDED = frozenset({RunStatus.SLEEPING, RunStatus.WAITING, RunStatus.RETRYIN
 
 def _redelivered(msg: Any | None) -> bool:
     return bool(msg is not None and msg.metadata and msg.metadata.num_delivered > 1)
-
-
-def _size(record: RunRecord, memos: dict[str, StepMemo]) -> int:
-    """Roughly the bytes warm state holds: the encoded record plus each memo's output."""
-    return len(encode_record(record)) + sum(len(m.output) + 200 for m in memos.values())
 
 
 def _log_outcome(run: RunRecord) -> None:

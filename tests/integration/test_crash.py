@@ -71,6 +71,25 @@ def ledger_counts(path: Path) -> Counter[tuple[str, str]]:
     return Counter(tuple(line.split(" ", 1)) for line in path.read_text().splitlines())  # type: ignore[misc]
 
 
+async def start_runs_inside_a_blocking_step(client: meshflow.Client, ledger: Path, count: int) -> list[str]:
+    """Once a worker serves ``crashy``: send ``count`` events; return when every run is blocked."""
+
+    async def registered() -> bool:
+        return any(f.full_id == crashy.full_id for f in await client._store.list_functions())
+
+    await wait_until(registered, timeout=30, message="the worker registered its functions")
+    events = [meshflow.Event(name="crash/go", data={"i": i}) for i in range(count)]
+    await client.send(events)
+    run_ids = [crashy.run_id_for(e) for e in events]
+
+    def all_blocked() -> bool:
+        counts = ledger_counts(ledger)
+        return all(counts[(r, "block-start")] >= 1 for r in run_ids)
+
+    await wait_until(all_blocked, timeout=30, message="every run is inside its blocking step")
+    return run_ids
+
+
 @pytest.mark.slow
 async def test_a_worker_killed_mid_step_loses_nothing_and_reruns_no_committed_step(
     nats_server: EmbeddedServer,
@@ -82,20 +101,7 @@ async def test_a_worker_killed_mid_step_loses_nothing_and_reruns_no_committed_st
     ledger, gate = tmp_path / "ledger", tmp_path / "gate"
     first = WorkerProcess(nats_server.url, namespace, ledger, gate)
     workers.append(first)
-
-    async def registered() -> bool:
-        return any(f.full_id == crashy.full_id for f in await client._store.list_functions())
-
-    await wait_until(registered, timeout=30, message="the worker registered its functions")
-    events = [meshflow.Event(name="crash/go", data={"i": i}) for i in range(6)]
-    await client.send(events)
-    run_ids = [crashy.run_id_for(e) for e in events]
-
-    def all_blocked() -> bool:
-        counts = ledger_counts(ledger)
-        return all(counts[(r, "block-start")] >= 1 for r in run_ids)
-
-    await wait_until(all_blocked, timeout=30, message="every run is inside its blocking step")
+    run_ids = await start_runs_inside_a_blocking_step(client, ledger, 6)
     first.kill()  # SIGKILL: no chance to ack, nak or release anything
     gate.touch()
     workers.append(WorkerProcess(nats_server.url, namespace, ledger, gate))
@@ -120,19 +126,7 @@ async def test_sigterm_lets_in_flight_steps_commit_before_the_worker_exits(
     ledger, gate = tmp_path / "ledger", tmp_path / "gate"
     first = WorkerProcess(nats_server.url, namespace, ledger, gate)
     workers.append(first)
-
-    async def registered() -> bool:
-        return any(f.full_id == crashy.full_id for f in await client._store.list_functions())
-
-    await wait_until(registered, timeout=30, message="the worker registered its functions")
-    events = [meshflow.Event(name="crash/go", data={"i": i}) for i in range(3)]
-    await client.send(events)
-    run_ids = [crashy.run_id_for(e) for e in events]
-    await wait_until(
-        lambda: all(ledger_counts(ledger)[(r, "block-start")] for r in run_ids),
-        timeout=30,
-        message="steps running",
-    )
+    run_ids = await start_runs_inside_a_blocking_step(client, ledger, 3)
     first.proc.send_signal(signal.SIGTERM)
     gate.touch()  # the in-flight steps may now finish; the stopping worker must commit them
     assert first.proc.wait(30) == 0
