@@ -38,10 +38,17 @@ def encode_value(value: Any, *, what: str) -> msgspec.Raw:
 
 
 def decode_value(raw: msgspec.Raw | bytes | None, type: Any = None) -> Any:
-    """Decode a stored value; as plain JSON data unless ``type`` is given."""
+    """Decode a stored value; as plain JSON data unless ``type`` is given.
+
+    ``type`` is anything msgspec decodes into (Structs, dataclasses, TypedDicts, ...) or a
+    pydantic model class.
+    """
     if raw is None:
         return None
     data = bytes(raw)
     if type is None:
         return _any_decoder.decode(data)
+    validate = getattr(type, "model_validate_json", None)  # pydantic models validate themselves
+    if callable(validate):
+        return validate(data)
     return msgspec.json.decode(data, type=type)
