@@ -7,6 +7,7 @@ a restart reuses that port and the same store dir, so clients reconnect to the s
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -21,6 +22,19 @@ from .errors import MeshflowError
 
 _LISTEN = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
 _READY = "Server is ready"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM the server when its parent dies.
+
+    So a killed ``meshflow dev``, benchmark or test run never leaves a nats-server behind.
+    Linux ties this to the *thread* that started the server: start it from a thread that lives
+    as long as the server should (the main thread, as meshflow does).
+    """
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's own stop() is the only guard
 
 
 class ServerError(MeshflowError):
@@ -105,6 +119,7 @@ class EmbeddedServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
