@@ -103,12 +103,15 @@ class Requester:
         self._prefix = ""
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._next = 0
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
-        if not self._prefix:
-            prefix = self.nc.new_inbox()
-            await self.nc.subscribe(prefix + ".*", cb=self._on_reply)
-            self._prefix = prefix
+        """Subscribe the reply inbox, once, however many first requests race to it."""
+        async with self._starting:
+            if not self._prefix:
+                prefix = self.nc.new_inbox()
+                await self.nc.subscribe(prefix + ".*", cb=self._on_reply)
+                self._prefix = prefix
 
     async def _on_reply(self, msg: Any) -> None:
         fut = self._pending.pop(msg.subject[len(self._prefix) + 1 :], None)
