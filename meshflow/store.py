@@ -27,7 +27,7 @@ from .errors import NatsError
 from .names import HDR_EXPECTED_LAST_SUBJECT_SEQ, Names, direct_get_subject, kv_stream, kv_subject
 from .runs import RunRecord, StepMemo, decode_memo, decode_run, encode_record
 
-_BATCH = 1000
+_BATCH = 1024  # the most subjects one multi_last direct get may match
 
 
 class RunConflict(Exception):
@@ -36,6 +36,10 @@ class RunConflict(Exception):
 
 class _WrongRevision(Exception):
     """A KV write's expected revision did not match (internal signal)."""
+
+
+class _TooManyResults(Exception):
+    """A batched direct get matched more subjects than the server returns at once."""
 
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
@@ -217,28 +221,44 @@ class Store:
         return decode_memo(stored[0])
 
     async def load_memos(self, run_id: str) -> dict[str, StepMemo]:
-        """Every committed step of a run, by step hash: one batched direct get."""
+        """Every committed step of a run, by step hash.
+
+        One batched direct get (``multi_last`` over ``{run_id}.>``) for up to 1,024 steps, which
+        is the server's limit for one such request; past it, batched direct gets page through
+        the same subjects by stream sequence.
+        """
         bucket = self.names.steps_bucket
-        found: dict[str, StepMemo] = {}
-        start_seq = 0
-        while True:
-            request: dict[str, Any] = {
-                "multi_last": [kv_subject(bucket, self.names.step_prefix(run_id))],
-                "batch": _BATCH,
-            }
-            if start_seq:
-                request["start_seq"] = start_seq
+        request = {"multi_last": [kv_subject(bucket, self.names.step_prefix(run_id))], "batch": _BATCH}
+        try:
             msgs = await self._direct_batch(kv_stream(bucket), request)
-            last_seq = 0
-            for headers, data in msgs:
-                last_seq = max(last_seq, int(headers.get("Nats-Sequence", "0")))
-                if headers.get("KV-Operation") in ("DEL", "PURGE") or not data:
-                    continue
+        except _TooManyResults:
+            return await self._scan_memos(run_id)
+        found: dict[str, StepMemo] = {}
+        for headers, data in msgs:
+            if data and headers.get("KV-Operation") not in ("DEL", "PURGE"):
                 memo = decode_memo(data)
                 found[memo.hash] = memo
+        if len(msgs) >= _BATCH:  # a full batch may have been cut short: read them all
+            return await self._scan_memos(run_id)
+        return found
+
+    async def _scan_memos(self, run_id: str) -> dict[str, StepMemo]:
+        """Page through a run's memos by stream sequence (memos are written once: one per key)."""
+        bucket = self.names.steps_bucket
+        subject = kv_subject(bucket, self.names.step_prefix(run_id))
+        found: dict[str, StepMemo] = {}
+        seq = 1
+        while True:
+            msgs = await self._direct_batch(
+                kv_stream(bucket), {"seq": seq, "next_by_subj": subject, "batch": _BATCH}
+            )
+            for headers, data in msgs:
+                seq = max(seq, int(headers.get("Nats-Sequence", "0")) + 1)
+                if data and headers.get("KV-Operation") not in ("DEL", "PURGE"):
+                    memo = decode_memo(data)
+                    found[memo.hash] = memo
             if len(msgs) < _BATCH:
                 return found
-            start_seq = last_seq + 1
 
     async def _direct_batch(self, stream: str, request: dict[str, Any]) -> list[tuple[dict[str, str], bytes]]:
         out: list[tuple[dict[str, str], bytes]] = []
@@ -252,6 +272,8 @@ class Store:
             elif not done.done():
                 if status in ("204", "404"):  # end of batch / nothing matched
                     done.set_result(None)
+                elif status == "413":  # more subjects match than one request may return
+                    done.set_exception(_TooManyResults())
                 else:
                     done.set_exception(NatsError(f"direct get from {stream} failed: {status} {headers}"))
 

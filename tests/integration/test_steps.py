@@ -165,3 +165,32 @@ async def test_parallel_sleeps_waking_together_run_the_next_step_once(
 
     assert [r.output for r in runs] == ["after"] * 10
     assert all(after[r.id] == 1 for r in runs), after
+
+
+async def test_a_run_with_more_steps_than_one_batched_read_returns_still_resumes(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    """Over 1,024 memos the server refuses a single batched read; the resume must still load all."""
+    app = meshflow.App("long")
+    executions: Counter[int] = Counter()
+
+    def square(i: int) -> int:
+        executions[i] += 1
+        return i * i
+
+    @app.function("many-steps", trigger="long/go")
+    async def many(ctx: meshflow.Context) -> int:
+        total = 0
+        for i in range(1100):
+            total += int(await ctx.step.run("square", square, i))
+        await ctx.step.sleep("breathe", "1s")  # the wake replays from stored memos
+        return total
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        event = meshflow.Event(name="long/go")
+        await client.send(event)
+        run = await client.wait_for_run(many.run_id_for(event), timeout=60, steps=False)
+
+    assert run.status is meshflow.RunStatus.COMPLETED
+    assert run.output == sum(i * i for i in range(1100))
+    assert set(executions.values()) == {1}
