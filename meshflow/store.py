@@ -221,44 +221,42 @@ class Store:
         return decode_memo(stored[0])
 
     async def load_memos(self, run_id: str) -> dict[str, StepMemo]:
-        """Every committed step of a run, by step hash.
+        """Every committed step of a run, by step hash."""
+        values = await self._last_values(self.names.steps_bucket, self.names.step_prefix(run_id))
+        memos = (decode_memo(data) for data in values.values())
+        return {memo.hash: memo for memo in memos}
 
-        One batched direct get (``multi_last`` over ``{run_id}.>``) for up to 1,024 steps, which
-        is the server's limit for one such request; past it, batched direct gets page through
-        the same subjects by stream sequence.
+    async def _last_values(self, bucket: str, keys: str) -> dict[str, bytes]:
+        """The current value of every key matching ``keys`` (like ``run.>``), by subject.
+
+        One batched direct get (``multi_last``) when at most 1,024 keys match, which is the
+        server's limit for one such request; past it, batched direct gets page through the
+        matching messages by stream sequence, later values replacing earlier ones.
         """
-        bucket = self.names.steps_bucket
-        request = {"multi_last": [kv_subject(bucket, self.names.step_prefix(run_id))], "batch": _BATCH}
+        subject = kv_subject(bucket, keys)
         try:
-            msgs = await self._direct_batch(kv_stream(bucket), request)
+            msgs = await self._direct_batch(kv_stream(bucket), {"multi_last": [subject], "batch": _BATCH})
         except _TooManyResults:
-            return await self._scan_memos(run_id)
-        found: dict[str, StepMemo] = {}
-        for headers, data in msgs:
-            if data and headers.get("KV-Operation") not in ("DEL", "PURGE"):
-                memo = decode_memo(data)
-                found[memo.hash] = memo
-        if len(msgs) >= _BATCH:  # a full batch may have been cut short: read them all
-            return await self._scan_memos(run_id)
-        return found
-
-    async def _scan_memos(self, run_id: str) -> dict[str, StepMemo]:
-        """Page through a run's memos by stream sequence (memos are written once: one per key)."""
-        bucket = self.names.steps_bucket
-        subject = kv_subject(bucket, self.names.step_prefix(run_id))
-        found: dict[str, StepMemo] = {}
-        seq = 1
-        while True:
-            msgs = await self._direct_batch(
-                kv_stream(bucket), {"seq": seq, "next_by_subj": subject, "batch": _BATCH}
-            )
-            for headers, data in msgs:
-                seq = max(seq, int(headers.get("Nats-Sequence", "0")) + 1)
-                if data and headers.get("KV-Operation") not in ("DEL", "PURGE"):
-                    memo = decode_memo(data)
-                    found[memo.hash] = memo
-            if len(msgs) < _BATCH:
-                return found
+            msgs = None
+        if msgs is None or len(msgs) >= _BATCH:  # refused, or a full batch that may be cut short
+            msgs = []
+            seq = 1
+            while True:
+                page = await self._direct_batch(
+                    kv_stream(bucket), {"seq": seq, "next_by_subj": subject, "batch": _BATCH}
+                )
+                msgs.extend(page)
+                if len(page) < _BATCH:
+                    break
+                seq = int(page[-1][0].get("Nats-Sequence", "0")) + 1  # pages come in stream order
+        values: dict[str, bytes] = {}
+        for headers, data in msgs:  # in stream order: a later write or delete wins
+            key = headers.get("Nats-Subject", "")
+            if headers.get("KV-Operation") in ("DEL", "PURGE") or not data:
+                values.pop(key, None)
+            else:
+                values[key] = data
+        return values
 
     async def _direct_batch(self, stream: str, request: dict[str, Any]) -> list[tuple[dict[str, str], bytes]]:
         out: list[tuple[dict[str, str], bytes]] = []
@@ -298,10 +296,5 @@ class Store:
 
     async def list_functions(self) -> list[FunctionInfo]:
         """Every function any worker has registered in this namespace."""
-        bucket = self.names.registry_bucket
-        msgs = await self._direct_batch(
-            kv_stream(bucket), {"multi_last": [kv_subject(bucket, "fn.>")], "batch": _BATCH}
-        )
-        return [
-            _info_decoder.decode(data) for headers, data in msgs if data and "KV-Operation" not in headers
-        ]
+        values = await self._last_values(self.names.registry_bucket, "fn.>")
+        return [_info_decoder.decode(data) for data in values.values()]
