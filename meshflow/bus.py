@@ -57,6 +57,8 @@ ACK_WAIT = 30.0
 MAX_ACK_PENDING = 10_000
 PUBLISH_DEADLINE = 30.0
 PUBLISH_ATTEMPT_TIMEOUT = 3.0
+#: ``publish_many`` keeps at most this many publishes in flight.
+PUBLISH_WINDOW = 1024
 
 NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, asyncio.TimeoutError, OSError)
 
@@ -392,13 +394,23 @@ class Bus:
             pause = min(pause * 2, 1.0)
 
     async def publish_many(self, items: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> list[Any]:
-        """Publish several messages pipelined (all in flight at once); acks in order."""
+        """Publish several messages pipelined, ``PUBLISH_WINDOW`` in flight at a time; acks in order.
+
+        Each window has its own ack timeout and retry deadline, so a large list to a slow
+        (fsync-every-write) server makes progress instead of timing out as a whole.
+        """
         too_big = next((len(p) for _, p, _ in items if len(p) > self.max_payload), None)
         if too_big is not None:
             raise EventError(
                 f"a message of {too_big} bytes is larger than the server's max_payload "
                 f"({self.max_payload} bytes); nothing was sent"
             )
+        results: list[Any] = []
+        for start in range(0, len(items), PUBLISH_WINDOW):
+            results.extend(await self._publish_window(items[start : start + PUBLISH_WINDOW]))
+        return results
+
+    async def _publish_window(self, items: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> list[Any]:
         results: list[Any] = [None] * len(items)
         todo = list(range(len(items)))
         loop = asyncio.get_running_loop()

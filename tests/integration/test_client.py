@@ -53,3 +53,14 @@ async def test_wait_for_run_sees_a_write_its_live_subscription_missed(
     await store.update_run(msgspec.structs.replace(record, status=RunStatus.COMPLETED), rev)
     run = await waiting
     assert run.status is meshflow.RunStatus.COMPLETED
+
+
+async def test_sending_more_events_than_one_window_stores_every_one_in_order(client: meshflow.Client) -> None:
+    events = [meshflow.Event(name="bulk/imported", data={"row": i}) for i in range(2500)]
+    ids = await client.send(events)
+    assert ids == [e.id for e in events]
+    info = await client._bus.js.stream_info(client.names.events_stream)
+    assert info.state.messages == 2500
+    assert await client.send(events[:10]) == ids[:10]  # a resend is deduplicated, not stored again
+    info = await client._bus.js.stream_info(client.names.events_stream)
+    assert info.state.messages == 2500
