@@ -360,38 +360,15 @@ class Bus:
             raise NatsError(f"cannot bind consumer {consumer} on {stream}: {exc!r}") from exc
 
     # --- publishing ---------------------------------------------------------------------------
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> Any:
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> PubAck:
         """Publish to a stream and wait for its ack; `NatsError` if it is not stored in time.
 
         Every publish meshflow makes is idempotent (a ``Nats-Msg-Id``, or a timer subject that
         replaces itself), so a timeout or a server that is restarting is retried with the same
         message until ``PUBLISH_DEADLINE`` passes.
         """
-        if len(payload) > self.max_payload:
-            raise EventError(
-                f"message of {len(payload)} bytes is larger than the server's max_payload "
-                f"({self.max_payload} bytes); store large blobs elsewhere and send a reference"
-            )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + PUBLISH_DEADLINE
-        pause = 0.05
-        while True:
-            try:
-                return await self.js.publish(
-                    subject, payload, headers=headers, timeout=PUBLISH_ATTEMPT_TIMEOUT
-                )
-            except nats.js.errors.APIError as exc:
-                if exc.code is not None and exc.code < 500:  # refused for good (bad headers, limits)
-                    raise NatsError(f"publish to {subject} refused: {exc.description}") from exc
-                error: BaseException = exc
-            except NATS_ERRORS as exc:
-                error = exc
-            if loop.time() + pause > deadline:
-                raise NatsError(
-                    f"publish to {subject} failed for {PUBLISH_DEADLINE:.0f}s: {error!r}"
-                ) from error
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
+        acks: list[PubAck] = await self.publish_many([(subject, payload, headers)])
+        return acks[0]
 
     async def publish_many(self, items: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> list[Any]:
         """Publish several messages pipelined, ``PUBLISH_WINDOW`` in flight at a time; acks in order.
