@@ -36,6 +36,11 @@ class RunStatus(StrEnum):
     def terminal(self) -> bool:
         return self in _TERMINAL
 
+    @property
+    def suspended(self) -> bool:
+        """Sleeping, waiting or retrying: resumed only by a timer or an event."""
+        return self in _SUSPENDED
+
 
 _TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 _SUSPENDED = frozenset({RunStatus.SLEEPING, RunStatus.WAITING, RunStatus.RETRYING})

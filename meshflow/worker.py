@@ -302,7 +302,7 @@ class Worker:
                 await self._emit_finished(fn, record)
             await msg.ack()
             return
-        if record.status in _SUSPENDED and (
+        if record.status.suspended and (
             rmsg is None  # a resent event for a suspended run: its timers resume it
             or (rmsg.reason == "timer" and all(p.key != rmsg.key for p in record.pending))
         ):
@@ -314,19 +314,23 @@ class Worker:
         if held_elsewhere or record.id in self._active:
             await msg.nak(delay=0.25)  # being advanced right now; look again shortly
             return
-        leased = msgspec.structs.replace(
-            record,
-            status=RunStatus.RUNNING,
-            lease=Lease(worker=self.id, until=now + self.lease_ms),
-            started_at=record.started_at or now,
-            updated_at=now,
-        )
+        leased = self._leased(record, now)
         try:
             rev = await self.store.update_run(leased, rev)
         except RunConflict:
             await msg.nak(delay=0.05)
             return
         await self._advance(fn, msg, _Holder(leased, rev), memos=None, rmsg=rmsg, before=record)
+
+    def _leased(self, record: RunRecord, now: int) -> RunRecord:
+        """``record`` running under this worker's lease, to be written by compare-and-set."""
+        return msgspec.structs.replace(
+            record,
+            status=RunStatus.RUNNING,
+            lease=Lease(worker=self.id, until=now + self.lease_ms),
+            started_at=record.started_at or now,
+            updated_at=now,
+        )
 
     async def _advance(
         self,
@@ -392,11 +396,7 @@ class Worker:
             if msg is not None:
                 with contextlib.suppress(*NATS_ERRORS):
                     await msg.in_progress()
-            renewed = msgspec.structs.replace(
-                holder.record,
-                lease=Lease(worker=self.id, until=_now_ms() + self.lease_ms),
-                updated_at=_now_ms(),
-            )
+            renewed = self._leased(holder.record, _now_ms())
             with contextlib.suppress(RunConflict, NatsError):
                 holder.rev = await self.store.update_run(renewed, holder.rev)
                 holder.record = renewed
@@ -487,13 +487,7 @@ class Worker:
         record, rev, memos = warm.record, warm.revision, warm.memos
         if record.id in self._active:
             return False
-        now = _now_ms()
-        leased = msgspec.structs.replace(
-            record,
-            status=RunStatus.RUNNING,
-            lease=Lease(worker=self.id, until=now + self.lease_ms),
-            updated_at=now,
-        )
+        leased = self._leased(record, _now_ms())
         await self._slots.acquire()
         self._inflight += 1
         try:
@@ -533,9 +527,6 @@ class Worker:
                 if current.status.terminal or (current.lease is not None and current.lease.worker != self.id):
                     return  # finished, or taken over by another worker after our lease lapsed
         raise NatsError(f"run {final.id}: could not write its record after 10 conflicting updates")
-
-
-_SUSPENDED = frozenset({RunStatus.SLEEPING, RunStatus.WAITING, RunStatus.RETRYING})
 
 
 def _redelivered(msg: Any | None) -> bool:
