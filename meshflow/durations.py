@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+import time
 from decimal import ROUND_CEILING, Decimal
 
 from meshflow.errors import DurationError
@@ -159,6 +160,11 @@ def parse_when(value: dt.datetime | str, *, what: str = "time") -> dt.datetime:
 def _require_aware(when: dt.datetime) -> None:
     if when.utcoffset() is None:
         raise _when_error(when, "time", f"a timezone is needed; {_WHEN_HINT}")
+
+
+def now_ms() -> int:
+    """The wall clock in epoch milliseconds (the one clock meshflow stores times in)."""
+    return time.time_ns() // 1_000_000
 
 
 def to_ms(value: dt.timedelta) -> int:

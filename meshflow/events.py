@@ -8,20 +8,16 @@ may not contain whitespace, ``*``, ``>``, empty segments, or exceed 256 characte
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgspec
 
+from .durations import now_ms
 from .errors import EventError
 from .ids import new_ulid
 
 MAX_NAME_LENGTH = 256
 _FORBIDDEN = frozenset("*>")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,7 +34,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     data: dict[str, Any] = msgspec.field(default_factory=dict)
     id: str = msgspec.field(default_factory=new_ulid)
-    ts: int = msgspec.field(default_factory=_now_ms)
+    ts: int = msgspec.field(default_factory=now_ms)
     v: str | None = None
 
 

@@ -32,7 +32,6 @@ import contextvars
 import datetime as dt
 import inspect
 import random
-import time
 import traceback as tb
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ import msgspec
 import structlog
 
 from .codec import decode_value, encode_value
-from .durations import from_ms, parse_duration, parse_when, to_ms
+from .durations import from_ms, now_ms, parse_duration, parse_when, to_ms
 from .errors import (
     ConfigError,
     MeshflowError,
@@ -66,10 +65,6 @@ _SETTLE_TICKS = 4
 _MAX_STEP_ID = 256
 
 _in_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("meshflow_in_step", default=None)
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _ms_at(when: dt.datetime) -> int:
@@ -96,7 +91,7 @@ class Activation:
     memos: Mapping[str, StepMemo] = field(default_factory=dict)
     pending: Sequence[Pending] = ()
     step_failures: Mapping[str, int] = field(default_factory=dict)
-    clock: Callable[[], int] = _wall_ms
+    clock: Callable[[], int] = now_ms
     random: Callable[[], float] = random.random
     logger: Any = None
 

@@ -19,10 +19,10 @@ suspended the run. Rules:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .durations import now_ms
 from .runs import RunRecord, StepMemo, encode_record
 
 HORIZON_MS = 60_000
@@ -41,10 +41,6 @@ class WarmRun:
     size: int
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class LocalTimers:
     """A worker's timers for near deadlines, and the warm state of the runs they will wake."""
 
@@ -59,7 +55,7 @@ class LocalTimers:
 
     def arm(self, run_id: str, key: str, until: int, fire: Callable[[], None]) -> bool:
         """Call ``fire`` just after ``until`` (epoch ms), if it is near and room is left."""
-        delay_ms = until - _now_ms()
+        delay_ms = until - now_ms()
         if self._closed or delay_ms > HORIZON_MS or len(self._handles) >= MAX_TIMERS:
             return False
         old = self._handles.pop((run_id, key), None)

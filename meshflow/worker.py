@@ -24,7 +24,6 @@ import contextlib
 import os
 import signal
 import socket
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ import structlog
 
 from . import replay
 from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, decode_run_message, open_nats
+from .durations import now_ms
 from .errors import MeshflowError, NatsError
 from .events import decode_event, encode_event
 from .functions import App, Function
@@ -47,10 +47,6 @@ _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
 
 log = structlog.get_logger("meshflow.worker")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class _StoreEffects:
@@ -137,7 +133,7 @@ class Worker:
                     triggers=list(fn.triggers),
                     retries=fn.retry.retries,
                     failure_of=fn.failure_of,
-                    updated_at=_now_ms(),
+                    updated_at=now_ms(),
                 )
             )
         n = self.names
@@ -256,7 +252,7 @@ class Worker:
             await msg.ack()
             return
         run_id = fn.run_id_for(event)
-        now = _now_ms()
+        now = now_ms()
         record = RunRecord(
             id=run_id,
             app=fn.app_id,
@@ -308,7 +304,7 @@ class Worker:
         ):
             await msg.ack()  # or a timer whose item was resumed already (its twin fired first)
             return
-        now = _now_ms()
+        now = now_ms()
         lease = record.lease
         held_elsewhere = lease is not None and lease.worker != self.id and lease.until > now
         if held_elsewhere or record.id in self._active:
@@ -396,7 +392,7 @@ class Worker:
             if msg is not None:
                 with contextlib.suppress(*NATS_ERRORS):
                     await msg.in_progress()
-            renewed = self._leased(holder.record, _now_ms())
+            renewed = self._leased(holder.record, now_ms())
             with contextlib.suppress(RunConflict, NatsError):
                 holder.rev = await self.store.update_run(renewed, holder.rev)
                 holder.record = renewed
@@ -411,7 +407,7 @@ class Worker:
         redelivered: bool,
         memos: dict[str, StepMemo],
     ) -> None:
-        now = _now_ms()
+        now = now_ms()
         base = holder.record
         if isinstance(outcome, replay.Suspended):
             known = {(p.key, p.until) for p in before.pending}
@@ -487,7 +483,7 @@ class Worker:
         record, rev, memos = warm.record, warm.revision, warm.memos
         if record.id in self._active:
             return False
-        leased = self._leased(record, _now_ms())
+        leased = self._leased(record, now_ms())
         await self._slots.acquire()
         self._inflight += 1
         try:
@@ -542,7 +538,7 @@ def _log_outcome(run: RunRecord) -> None:
         log.warning("run failed", error=f"{err.type}: {err.message}" if err else None, **fields)
     else:
         until = min(p.until for p in run.pending) if run.pending else None
-        log.info(f"run {run.status}", resumes_in_ms=until - _now_ms() if until else None, **fields)
+        log.info(f"run {run.status}", resumes_in_ms=until - now_ms() if until else None, **fields)
 
 
 class _Holder:
