@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import meshflow
+from meshflow.events import Event
 from meshflow.names import Names
 from meshflow.runs import RunRecord
 
@@ -67,6 +68,14 @@ class Ctx:
 
     def remaining(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
+
+    async def send(self, events: Event | list[Event]) -> bool:
+        """Send within the workload's deadline; False when the deadline passed first."""
+        try:
+            await asyncio.wait_for(self.client.send(events), self.remaining())
+        except TimeoutError:
+            return False
+        return True
 
     def begin(self) -> None:
         """Restart the CPU meter: what came before (building events) is not the workload."""

@@ -36,9 +36,7 @@ async def w6(ctx: Ctx) -> Measured:
     started = time.monotonic()
     sent = 0
     for at in range(0, n, BATCH):
-        try:
-            await asyncio.wait_for(ctx.client.send(events[at : at + BATCH]), ctx.remaining())
-        except TimeoutError:
+        if not await ctx.send(events[at : at + BATCH]):
             break
         sent += len(events[at : at + BATCH])
 

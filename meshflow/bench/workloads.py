@@ -37,9 +37,7 @@ def _events(trigger: str, n: int) -> list[Event]:
 async def w1(ctx: Ctx) -> Measured:
     fn = apps.three_steps
     warmup = _events(apps.TRIGGER_W1, ctx.n(100, minimum=1))
-    try:
-        await asyncio.wait_for(ctx.client.send(warmup), ctx.remaining())
-    except TimeoutError:
+    if not await ctx.send(warmup):
         return Measured({"warmup_completed": 0}, incomplete=True)
     warmed = await wait_outputs(ctx, [fn.run_id_for(e) for e in warmup])
     if len(warmed) < len(warmup):
@@ -48,9 +46,7 @@ async def w1(ctx: Ctx) -> Measured:
     events = _events(apps.TRIGGER_W1, ctx.n(2000))
     ctx.begin()
     started = time.monotonic()
-    try:
-        await asyncio.wait_for(ctx.client.send(events), ctx.remaining())
-    except TimeoutError:
+    if not await ctx.send(events):
         return Measured({"completed": 0}, incomplete=True)
     finished = await wait_outputs(ctx, [fn.run_id_for(e) for e in events])
     completed = sum(1 for _, r in finished.values() if r.status is RunStatus.COMPLETED)
@@ -97,9 +93,7 @@ async def w3(ctx: Ctx) -> Measured:
     events = _events(apps.TRIGGER_W3, ctx.n(500))
     ctx.begin()
     started = time.monotonic()
-    try:
-        await asyncio.wait_for(ctx.client.send(events), ctx.remaining())
-    except TimeoutError:
+    if not await ctx.send(events):
         return Measured({"completed": 0}, incomplete=True)
     # No run can finish before its sleep ends (never early), so polling starts only then.
     await asyncio.sleep(min(apps.SLEEP_S, max(0.0, ctx.remaining())))
@@ -155,9 +149,7 @@ async def w7(ctx: Ctx) -> Measured:
     started = time.perf_counter()
     for at in range(0, len(events), W7_BATCH):
         batch = events[at : at + W7_BATCH]
-        try:
-            await asyncio.wait_for(ctx.client.send(batch), ctx.remaining())
-        except TimeoutError:
+        if not await ctx.send(batch):
             break
         sent += len(batch)
     wall = time.perf_counter() - started
