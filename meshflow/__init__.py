@@ -24,6 +24,7 @@ from .retries import Retry as Retry
 from .runs import RunStatus as RunStatus
 from .steps import Context as Context
 from .steps import Step as Step
+from .steps import WaitFor as WaitFor
 from .worker import Worker as Worker
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "Step",
     "StepError",
     "StepInfo",
+    "WaitFor",
     "Worker",
     "connect",
 ]

@@ -104,6 +104,8 @@ class Requester:
         self.nc = nc
         self._prefix = ""
         self._pending: dict[str, asyncio.Future[Any]] = {}
+        # Batched direct gets: several replies per request, collected until a status reply.
+        self._batches: dict[str, tuple[list[tuple[dict[str, str], bytes]], asyncio.Future[None]]] = {}
         self._next = 0
         self._starting = asyncio.Lock()
 
@@ -116,9 +118,29 @@ class Requester:
                 self._prefix = prefix
 
     async def _on_reply(self, msg: Any) -> None:
-        fut = self._pending.pop(msg.subject[len(self._prefix) + 1 :], None)
+        token = msg.subject[len(self._prefix) + 1 :]
+        batch = self._batches.get(token)
+        if batch is not None:
+            self._on_batch_reply(batch, msg)
+            return
+        fut = self._pending.pop(token, None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
+
+    @staticmethod
+    def _on_batch_reply(
+        batch: tuple[list[tuple[dict[str, str], bytes]], asyncio.Future[None]], msg: Any
+    ) -> None:
+        out, done = batch
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is None:
+            out.append((headers, msg.data))
+        elif not done.done():
+            if status in ("204", "404"):  # end of batch / nothing matched
+                done.set_result(None)
+            else:  # 413: more subjects match than one request may return
+                done.set_exception(ApiError(int(status), 0, headers.get("Description", "")))
 
     def _expire(self, token: str) -> None:
         fut = self._pending.pop(token, None)
@@ -214,6 +236,35 @@ class Requester:
             raise ApiError(ack.error.code, ack.error.err_code, ack.error.description)
         return ack
 
+    async def direct_batch(
+        self,
+        stream: str,
+        request: dict[str, Any],
+        timeout: float = 10.0,  # noqa: ASYNC109 - one timer handle per request
+    ) -> list[tuple[dict[str, str], bytes]]:
+        """A batched direct get (``batch``, ``multi_last``, ``next_by_subj``...): (headers, data) each.
+
+        Raises `ApiError` when the server refuses (413: more subjects match than it returns).
+        """
+        if not self._prefix:
+            await self.start()
+        self._next += 1
+        token = str(self._next)
+        loop = asyncio.get_running_loop()
+        out: list[tuple[dict[str, str], bytes]] = []
+        done: asyncio.Future[None] = loop.create_future()
+        self._batches[token] = (out, done)
+        timer = loop.call_later(timeout, _fail_if_pending, done)
+        try:
+            await self.nc.publish(
+                direct_get_subject(stream), msgspec.json.encode(request), reply=f"{self._prefix}.{token}"
+            )
+            await done
+        finally:
+            timer.cancel()
+            self._batches.pop(token, None)
+        return out
+
     async def direct_get(
         self,
         stream: str,
@@ -229,6 +280,11 @@ class Requester:
         if headers.get("Status") == "404":
             return None
         return msg.data, int(headers.get("Nats-Sequence", "0")), headers.get(HDR_KV_OPERATION, "")
+
+
+def _fail_if_pending(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 class RunMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -289,6 +345,7 @@ class Bus:
                 max_age=EVENTS_MAX_AGE.total_seconds(),
                 duplicate_window=DUPLICATE_WINDOW.total_seconds(),
                 num_replicas=replicas,
+                allow_direct=True,  # waits read events back by sequence and time
             )
         )
         await self._ensure_stream(
@@ -308,7 +365,10 @@ class Bus:
     async def _ensure_stream(self, config: StreamConfig) -> None:
         assert config.name is not None
         try:
-            await self.js.stream_info(config.name)
+            info = await self.js.stream_info(config.name)
+            if config.allow_direct and not info.config.allow_direct:  # made by an older meshflow
+                info.config.allow_direct = True
+                await self.js.update_stream(info.config)
             return
         except nats.js.errors.NotFoundError:
             pass
@@ -351,6 +411,24 @@ class Bus:
                 await self.js.add_consumer(stream, config)
             except NATS_ERRORS as exc:
                 raise NatsError(f"cannot create consumer {config.name} on {stream}: {exc!r}") from exc
+
+    async def ensure_router(self, *, ack_wait: float = ACK_WAIT) -> None:
+        """Create the router's consumer: every event, shared by all workers (see ``router``)."""
+        n = self.names
+        config = ConsumerConfig(
+            name=n.router_consumer,
+            durable_name=n.router_consumer,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_deliver=-1,
+            max_ack_pending=MAX_ACK_PENDING,
+            filter_subject=n.events_subjects,
+        )
+        try:
+            await self.js.add_consumer(n.events_stream, config)
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot create consumer {config.name} on {n.events_stream}: {exc!r}") from exc
 
     async def pull(self, stream: str, consumer: str) -> Any:
         """A pull subscription bound to an existing durable consumer."""
@@ -415,15 +493,18 @@ class Bus:
         return results
 
     def run_message(
-        self, fn: Function, msg: RunMessage, *, msg_id: str | None
+        self, app_id: str, fn_id: str, msg: RunMessage, *, msg_id: str | None
     ) -> tuple[str, bytes, dict[str, str]]:
         headers = {HDR_TTL: str(int(RUN_MESSAGE_TTL.total_seconds()))}
         if msg_id:
             headers[HDR_MSG_ID] = msg_id
-        return self.names.run_subject(fn.app_id, fn.id), _run_msg_encoder.encode(msg), headers
+        return self.names.run_subject(app_id, fn_id), _run_msg_encoder.encode(msg), headers
 
-    async def publish_run(self, fn: Function, msg: RunMessage, *, msg_id: str | None = None) -> None:
-        await self.publish(*self.run_message(fn, msg, msg_id=msg_id))
+    async def publish_run(
+        self, app_id: str, fn_id: str, msg: RunMessage, *, msg_id: str | None = None
+    ) -> None:
+        """Have a worker of function ``{app_id}-{fn_id}`` advance a run (deduplicated by ``msg_id``)."""
+        await self.publish(*self.run_message(app_id, fn_id, msg, msg_id=msg_id))
 
     async def schedule(self, fn: Function, run_id: str, key: str, until_ms: int) -> None:
         """Have the server publish 'advance run' for ``run_id`` at ``until_ms`` (never earlier).

@@ -23,7 +23,7 @@ from .errors import EventError, RunNotFoundError, RunTimeoutError
 from .events import Event, encode_event
 from .ids import is_ulid, run_id_for, ulid_time_ms
 from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names
-from .runs import ErrorInfo, Pending, RunRecord, RunStatus, StepMemo
+from .runs import NEVER, ErrorInfo, Pending, PendingKind, RunRecord, RunStatus, StepMemo
 from .store import Store
 
 
@@ -32,13 +32,15 @@ class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     id: str
     kind: str
-    status: str  # completed | failed | sleeping | retrying
+    status: str  # completed | failed | sleeping | retrying | waiting
     attempts: int
     started_at: int | None = None
     ended_at: int | None = None
     output: Any = None
     error: ErrorInfo | None = None
-    until: int | None = None  # for a sleeping or retrying step: when it resumes (epoch ms)
+    until: int | None = None  # for a pending step: when it resumes or times out (epoch ms)
+    waits_for: list[str] = msgspec.field(default_factory=list)  # a waiting step: the event names
+    child_run_id: str | None = None  # an invoke step: the run it started
 
 
 class Run(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,10 +58,20 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None
     pending: list[Pending]
     steps: list[StepInfo]
+    parent_id: str | None = None  # an invoked run: the run whose step invoked it
 
     @property
     def finished(self) -> bool:
         return self.status.terminal
+
+
+_PENDING_VIEW = {
+    PendingKind.SLEEP: ("sleep", "sleeping"),
+    PendingKind.STEP_RETRY: ("run", "retrying"),
+    PendingKind.RUN_RETRY: ("run", "retrying"),
+    PendingKind.WAIT: ("wait", "waiting"),
+    PendingKind.INVOKE: ("invoke", "waiting"),
+}
 
 
 def _steps(memos: dict[str, StepMemo], pending: list[Pending]) -> list[StepInfo]:
@@ -73,21 +85,25 @@ def _steps(memos: dict[str, StepMemo], pending: list[Pending]) -> list[StepInfo]
             ended_at=m.ended_at,
             output=decode_value(m.output),
             error=m.error,
+            child_run_id=m.child,
         )
         for m in memos.values()
     ]
     for p in pending:
         if p.key in memos or p.kind == "run_retry":
             continue
+        kind, status = _PENDING_VIEW[p.kind]
         out.append(
             StepInfo(
                 id=p.step_id,
-                kind="sleep" if p.kind == "sleep" else "run",
-                status="sleeping" if p.kind == "sleep" else "retrying",
+                kind=kind,
+                status=status,
                 attempts=p.attempt,
                 started_at=p.since or None,
-                until=p.until,
+                until=p.until if p.until < NEVER else None,
                 error=p.error,
+                waits_for=[w.event for w in p.waits],
+                child_run_id=p.invoke.run_id if p.invoke else None,
             )
         )
     # In execution order: by start, then by end (a step still pending ends last), then by id.
@@ -147,6 +163,7 @@ class Client:
             error=record.error,
             pending=record.pending,
             steps=_steps(memos, record.pending),
+            parent_id=record.parent.run_id if record.parent else None,
         )
 
     async def wait_for_run(
@@ -155,6 +172,7 @@ class Client:
         *,
         timeout: float = 30.0,  # noqa: ASYNC109 - the API is 'wait up to N s'
         steps: bool = True,
+        until: RunStatus | None = None,
     ) -> Run:
         """Wait until the run exists and reaches a terminal status, then return it.
 
@@ -163,6 +181,8 @@ class Client:
             timeout: seconds to wait at most.
             steps: also read the run's steps (one more read); ``False`` when only the status,
                 output or error matter, and ``Run.steps`` is then empty.
+            until: return as soon as the run has this status (say ``RunStatus.WAITING``), or
+                when it ends.
 
         Raises:
             RunTimeoutError: it did not finish within ``timeout`` seconds.
@@ -171,7 +191,7 @@ class Client:
         async def finished() -> RunRecord:
             async with contextlib.aclosing(self._store.watch_run(run_id)) as records:
                 async for record in records:
-                    if record.status.terminal:
+                    if record.status.terminal or record.status == until:
                         return record
             raise RunNotFoundError(run_id)  # the watch never ends on its own
 

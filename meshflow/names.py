@@ -71,6 +71,11 @@ class Names:
         """The durable consumer on the runs stream that workers pull a function's runs from."""
         return f"run-{app_id}-{fn_id}"
 
+    @property
+    def router_consumer(self) -> str:
+        """The durable consumer on the events stream, shared by all workers, that resumes waits."""
+        return "router"
+
     # --- key-value buckets -------------------------------------------------------------------
     @property
     def runs_bucket(self) -> str:
@@ -83,6 +88,11 @@ class Names:
     @property
     def registry_bucket(self) -> str:
         return f"{self.ns}_registry"
+
+    @property
+    def waits_bucket(self) -> str:
+        """Runs waiting for events, indexed by event name and match value (see ``waits``)."""
+        return f"{self.ns}_waits"
 
     @staticmethod
     def step_key(run_id: str, step_hash: str) -> str:
@@ -100,10 +110,39 @@ class Names:
     def worker_key(worker_id: str) -> str:
         return f"worker.{worker_id}"
 
+    # Waiter keys. ``name`` is a token for the event name (names may hold '.' and '/'), ``field``
+    # one for the match path, ``value`` one for the match value: see ``waits.tokens``.
+    @staticmethod
+    def wait_field_key(name: str, field: str) -> str:
+        """Marks that some run waits for ``name`` matching on ``field`` (the router looks these up)."""
+        return f"{name}.f.{field}"
+
+    @staticmethod
+    def wait_fields(name: str) -> str:
+        return f"{name}.f.*"
+
+    @staticmethod
+    def wait_match_key(name: str, field: str, value: str, run_id: str, step: str, index: int) -> str:
+        return f"{name}.m.{field}.{value}.{run_id}.{step}.{index}"
+
+    @staticmethod
+    def wait_matches(name: str, field: str, value: str) -> str:
+        return f"{name}.m.{field}.{value}.>"
+
+    @staticmethod
+    def wait_scan_key(name: str, run_id: str, step: str, index: int) -> str:
+        """A waiter without ``match``: checked against every event of its name."""
+        return f"{name}.x.{run_id}.{step}.{index}"
+
+    @staticmethod
+    def wait_scans(name: str) -> str:
+        return f"{name}.x.>"
+
 
 # Events meshflow itself emits (names, not subjects).
 EVENT_FUNCTION_FINISHED = "meshflow/function.finished"
 EVENT_FUNCTION_FAILED = "meshflow/function.failed"
+EVENT_FUNCTION_INVOKED = "meshflow/function.invoked"
 
 # Message headers meshflow reads or writes.
 HDR_MSG_ID = "Nats-Msg-Id"
@@ -130,3 +169,4 @@ def direct_get_subject(stream: str) -> str:
 
 HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 HDR_KV_OPERATION = "KV-Operation"
+HDR_ROLLUP = "Nats-Rollup"

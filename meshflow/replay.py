@@ -44,6 +44,7 @@ from .codec import decode_value, encode_value
 from .durations import from_ms, now_ms, parse_duration, parse_when, to_ms
 from .errors import (
     ConfigError,
+    EventError,
     MeshflowError,
     NestedStepError,
     NonDeterminismError,
@@ -52,11 +53,23 @@ from .errors import (
     SerializationError,
     StepError,
 )
-from .events import Event
+from .events import Event, encode_event, validate_event_name
+from .expressions import compile_expression, compile_match, lookup, match_key
 from .functions import Function
-from .ids import StepCounter
+from .ids import StepCounter, run_id_for, validate_id
 from .retries import Retry, attempts_left, backoff_delay, retry_policy
-from .runs import ErrorInfo, Pending, PendingKind, StepKind, StepMemo, StepStatus
+from .runs import (
+    NEVER,
+    NULL,
+    ErrorInfo,
+    InvokeSpec,
+    Pending,
+    PendingKind,
+    StepKind,
+    StepMemo,
+    StepStatus,
+    WaitSpec,
+)
 from .steps import Context, Step
 
 # How many loop turns to let sibling branches (asyncio.gather) reach their next step call before
@@ -73,10 +86,14 @@ def _ms_at(when: dt.datetime) -> int:
 
 
 class Effects(Protocol):
-    """What the engine needs from the outside world: committing a step memo."""
+    """What the engine needs from the outside world: committing step memos and sending events."""
 
     async def commit(self, memo: StepMemo) -> StepMemo:
         """Store ``memo`` if the step has none yet; return the memo that is stored (first wins)."""
+        ...
+
+    async def send(self, events: Sequence[Event], msg_ids: Sequence[str]) -> None:
+        """Publish ``events``, each deduplicated by its ``msg_ids`` entry."""
         ...
 
 
@@ -94,6 +111,8 @@ class Activation:
     clock: Callable[[], int] = now_ms
     random: Callable[[], float] = random.random
     logger: Any = None
+    seq: int = 0  # the triggering event's events-stream sequence (0: not from the stream)
+    created_at: int = 0  # when the run was created, epoch ms
 
 
 class Completed(msgspec.Struct, frozen=True, tag=True):
@@ -134,7 +153,7 @@ def _never_retry(exc: BaseException) -> bool:
     return (
         not isinstance(exc, Exception)
         or isinstance(exc, NonRetriableError | StepError | ConfigError | SerializationError)
-        or isinstance(exc, NestedStepError | NonDeterminismError)
+        or isinstance(exc, NestedStepError | NonDeterminismError | EventError)
     )
 
 
@@ -342,12 +361,197 @@ class _Pass:
             started_at=item.since or now,
             ended_at=now,
         )
+        await self._commit_now(done)
+
+    async def _commit_now(self, memo: StepMemo) -> StepMemo:
+        """Commit a memo the pass decided on (a timeout, a sleep's end); first writer wins."""
         self.running += 1
         try:
-            self.memos[key] = await self.effects.commit(done)
+            stored = await self.effects.commit(memo)
+            self.memos[memo.hash] = stored
+            return stored
         finally:
             self.running -= 1
             self.bump()
+
+    # --- step.wait_for_event / wait_for_any --------------------------------------------------
+    async def wait_step(
+        self,
+        step_id: str,
+        specs: Sequence[tuple[object, object, object]],
+        timeout: object,
+        lookback: object,
+        since: object,
+    ) -> Event | None:
+        key, memo = self._new_step(step_id, StepKind.WAIT)
+        if memo is None:
+            now = self.act.clock()
+            old = self.old_pending.get(key)
+            if old is not None and old.kind is PendingKind.WAIT:
+                item = old
+            else:
+                what = f"step {step_id!r}"
+                until = now + to_ms(parse_duration(timeout, what=f"{what} timeout"))  # type: ignore[arg-type]
+                waits = [self._wait_spec(spec, now, lookback, since, what) for spec in specs]
+                item = Pending(
+                    kind=PendingKind.WAIT, key=key, step_id=step_id, until=until, since=now, waits=waits
+                )
+            if now < item.until:
+                await self.park(item)
+            memo = await self._commit_now(
+                StepMemo(
+                    id=step_id,
+                    hash=key,
+                    kind=StepKind.WAIT,
+                    status=StepStatus.COMPLETED,
+                    started_at=item.since or now,
+                    ended_at=now,
+                )
+            )
+        if memo.output == NULL:
+            return None
+        return decode_value(memo.output, Event)  # type: ignore[no-any-return]
+
+    def _wait_spec(
+        self, spec: tuple[object, object, object], now: int, lookback: object, since: object, what: str
+    ) -> WaitSpec:
+        name, match, condition = spec
+        try:
+            validate_event_name(name)
+        except EventError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+        assert isinstance(name, str)
+        match_token: str | None = None
+        if match is not None:
+            path = compile_match(match, what=f"{what} match")
+            found, value = lookup(msgspec.to_builtins(self.act.events[0]), path)
+            match_token = match_key(value) if found else None
+        if condition is not None:
+            compile_expression(condition, variables=("event", "async"), what=f"{what} if_")
+        if since not in ("trigger", "wait"):
+            raise ConfigError(f"{what}: since must be 'trigger' (the default) or 'wait', got {since!r}")
+        floor_seq, floor_time = 0, 0
+        if since == "wait":
+            floor_time = now
+        else:
+            if self.act.seq > 0 and lookback is None:
+                floor_seq = self.act.seq
+            else:
+                floor_time = self.act.created_at or now
+            if lookback is not None:
+                back = to_ms(parse_duration(lookback, what=f"{what} lookback"))  # type: ignore[arg-type]
+                floor_time = max(0, floor_time - back)
+            # never the same event twice: after the last one this run took under this name
+            taken = [
+                m.seq
+                for m in self.memos.values()
+                if m.kind is StepKind.WAIT and m.seq > 0 and _name_of(m) == name
+            ]
+            if taken:
+                floor_seq, floor_time = max(max(taken), floor_seq), 0
+        return WaitSpec(
+            event=name,
+            match=match if isinstance(match, str) else None,
+            match_token=match_token,
+            if_=condition if isinstance(condition, str) else None,
+            floor_seq=floor_seq,
+            floor_time=floor_time,
+        )
+
+    # --- step.invoke ---------------------------------------------------------------------------
+    async def invoke_step(
+        self, step_id: str, function: object, data: object, timeout: object, type_: Any
+    ) -> Any:
+        key, memo = self._new_step(step_id, StepKind.INVOKE)
+        if memo is None:
+            now = self.act.clock()
+            old = self.old_pending.get(key)
+            if old is not None and old.kind is PendingKind.INVOKE:
+                item = old
+            else:
+                item = self._invoke_item(key, step_id, function, data, timeout, now)
+            if now < item.until:
+                await self.park(item)
+            target = item.invoke.function if item.invoke else "?"
+            memo = await self._commit_now(
+                StepMemo(
+                    id=step_id,
+                    hash=key,
+                    kind=StepKind.INVOKE,
+                    status=StepStatus.FAILED,
+                    error=ErrorInfo(
+                        type="InvokeTimeoutError",
+                        message=f"function {target} did not finish within the invoke timeout",
+                        retriable=False,
+                    ),
+                    started_at=item.since or now,
+                    ended_at=now,
+                    child=item.invoke.run_id if item.invoke else None,
+                )
+            )
+        if memo.status is StepStatus.COMPLETED:
+            return decode_value(memo.output, type_)
+        err = memo.error or ErrorInfo(type="Error", message="unknown")
+        raise StepError(step_id, err.type, err.message, err.traceback)
+
+    def _invoke_item(
+        self, key: str, step_id: str, function: object, data: object, timeout: object, now: int
+    ) -> Pending:
+        what = f"step {step_id!r}"
+        if isinstance(function, Function):
+            target = function.full_id
+        elif isinstance(function, str) and function:
+            target = validate_id(function, what=f"{what} function")
+        else:
+            raise ConfigError(f"{what}: function must be a Function or a full function id like 'app-fn'")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{what}: data must be a dict (the invoked run's event data)")
+        data = dict(msgspec.json.decode(encode_value(data, what=f"{what} data")))
+        until = NEVER
+        if timeout is not None:
+            until = now + to_ms(parse_duration(timeout, what=f"{what} timeout"))  # type: ignore[arg-type]
+        # The child's id derives from this run and step, so a re-executed pass finds the same child.
+        child = run_id_for(target, f"{self.act.run_id}:{key}", self.act.created_at)
+        spec = InvokeSpec(function=target, run_id=child, data=data)
+        return Pending(kind=PendingKind.INVOKE, key=key, step_id=step_id, until=until, since=now, invoke=spec)
+
+    # --- step.send_event -----------------------------------------------------------------------
+    async def send_step(self, step_id: str, events: object) -> list[str]:
+        key, memo = self._new_step(step_id, StepKind.SEND)
+        if memo is None:
+            batch = [events] if isinstance(events, Event) else events
+            if (
+                not isinstance(batch, list | tuple)
+                or not batch
+                or not all(isinstance(e, Event) for e in batch)
+            ):
+                raise EventError(f"step {step_id!r}: send_event takes an Event or a non-empty list of Events")
+            for event in batch:
+                encode_event(event)  # every event checked before any is sent
+            ids = [event.id for event in batch]
+            self.running += 1
+            self.bump()
+            try:
+                started = self.act.clock()
+                # A pass re-executed after a crash sends the same message ids: the stream drops them.
+                await self.effects.send(batch, [f"{self.act.run_id}:{key}:{i}" for i in range(len(batch))])
+                memo = StepMemo(
+                    id=step_id,
+                    hash=key,
+                    kind=StepKind.SEND,
+                    status=StepStatus.COMPLETED,
+                    output=encode_value(ids, what=f"step {step_id!r}"),
+                    started_at=started,
+                    ended_at=self.act.clock(),
+                )
+                memo = await self.effects.commit(memo)
+                self.memos[key] = memo
+            finally:
+                self.running -= 1
+                self.bump()
+        return list(decode_value(memo.output))
 
     # --- ending the pass ---------------------------------------------------------------------
     def suspended(self, attempt: int | None = None) -> Suspended:
@@ -384,6 +588,15 @@ class _Pass:
             )
         }
         return self.suspended(attempt=failures)
+
+
+def _name_of(memo: StepMemo) -> str:
+    """The event name a WAIT memo took ("" for a timeout)."""
+    try:
+        data = msgspec.json.decode(memo.output)
+    except msgspec.DecodeError:
+        return ""
+    return str(data.get("name", "")) if isinstance(data, dict) else ""
 
 
 class _ReplayAwareLogger:

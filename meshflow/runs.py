@@ -11,6 +11,7 @@ never run again.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 import msgspec
 
@@ -68,12 +69,55 @@ class StepStatus(StrEnum):
 class StepKind(StrEnum):
     RUN = "run"
     SLEEP = "sleep"
+    WAIT = "wait"  # wait_for_event / wait_for_any: the event, or null on timeout
+    INVOKE = "invoke"  # the child run's output, or its error
+    SEND = "send"  # send_event: the ids of the events sent
 
 
 class PendingKind(StrEnum):
     SLEEP = "sleep"
     STEP_RETRY = "step_retry"
     RUN_RETRY = "run_retry"
+    WAIT = "wait"  # an event (or its timeout)
+    INVOKE = "invoke"  # a child run's end (or its timeout)
+
+
+#: ``Pending.until`` of an item with no deadline (an ``invoke`` without a timeout).
+NEVER = 2**62
+
+
+class WaitSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One event a ``wait_for_event`` (or one branch of a ``wait_for_any``) accepts.
+
+    Only events stored in the events stream after ``floor_seq`` (or, when it is 0, at or after
+    ``floor_time``) count, so a run never takes an event older than its window or one it took
+    before.
+    """
+
+    event: str
+    match: str | None = None  # a path like "data.userId", compared with the trigger's value
+    match_token: str | None = None  # `expressions.match_key` of the trigger's value there, if it has one
+    if_: str | None = None  # a CEL condition over `event` (the trigger) and `async` (the candidate)
+    floor_seq: int = 0
+    floor_time: int = 0
+
+
+class InvokeSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """The child run an ``invoke`` step starts: which function, with what data, under which id."""
+
+    function: str  # the child's full id, "{app}-{fn}"
+    run_id: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ParentRef(msgspec.Struct, frozen=True, kw_only=True):
+    """On a child run: the parent run and the ``invoke`` step waiting for it."""
+
+    run_id: str
+    app: str
+    fn: str
+    key: str  # the parent's step hash
+    step_id: str = ""
 
 
 class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,6 +139,8 @@ class Pending(msgspec.Struct, frozen=True, kw_only=True):
     since: int = 0  # epoch ms when the run started waiting
     attempt: int = 0  # for retries: the failed attempts so far
     error: ErrorInfo | None = None
+    waits: list[WaitSpec] = msgspec.field(default_factory=list)  # WAIT: the events it accepts
+    invoke: InvokeSpec | None = None  # INVOKE: the child run
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,6 +172,8 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     lease: Lease | None = None
     replay_of: str | None = None
     failure_of: str | None = None  # for on_failure runs: the run that failed
+    seq: int = 0  # the triggering event's sequence in the events stream (0: not from the stream)
+    parent: ParentRef | None = None  # for invoked runs: who waits for this run's end
 
 
 class StepMemo(msgspec.Struct, frozen=True, kw_only=True):
@@ -141,6 +189,8 @@ class StepMemo(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int = 1
     started_at: int
     ended_at: int
+    seq: int = 0  # WAIT: the taken event's sequence in the events stream
+    child: str | None = None  # INVOKE: the child run's id
 
 
 _run_encoder = msgspec.json.Encoder()

@@ -1,4 +1,5 @@
-"""The step API a function sees: ``ctx.step.run``, ``ctx.step.sleep``, ``ctx.step.sleep_until``.
+"""The step API a function sees: ``ctx.step.run``, ``sleep``, ``sleep_until``, ``wait_for_event``,
+``wait_for_any``, ``invoke`` and ``send_event``.
 
 This module is thin on purpose: every call is handed to the replay engine (``meshflow.replay``),
 which decides whether the step's result is already committed (return it), or whether to execute
@@ -9,11 +10,35 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from .errors import ConfigError
 from .events import Event
+
+if TYPE_CHECKING:
+    from .functions import Function
+
+Duration = dt.timedelta | float | str
+
+
+@dataclass(frozen=True)
+class WaitFor:
+    """One event ``ctx.step.wait_for_any`` accepts.
+
+    Attributes:
+        event: the event name to wait for.
+        match: a path like ``"data.userId"``: the event's value there must equal the triggering
+            event's value at the same path.
+        if_: a CEL condition over ``event`` (the run's triggering event) and ``async`` (the
+            candidate), like ``"async.data.amount > 100"``.
+    """
+
+    event: str
+    match: str | None = None
+    if_: str | None = None
 
 
 class _Engine(Protocol):
@@ -27,6 +52,21 @@ class _Engine(Protocol):
     ) -> Any: ...
 
     async def sleep_step(self, step_id: str, duration: object, *, until: bool) -> None: ...
+
+    async def wait_step(
+        self,
+        step_id: str,
+        specs: Sequence[tuple[object, object, object]],
+        timeout: object,
+        lookback: object,
+        since: object,
+    ) -> Event | None: ...
+
+    async def invoke_step(
+        self, step_id: str, function: object, data: object, timeout: object, type_: Any
+    ) -> Any: ...
+
+    async def send_step(self, step_id: str, events: object) -> list[str]: ...
 
 
 class Step:
@@ -75,6 +115,93 @@ class Step:
     async def sleep_until(self, step_id: str, when: dt.datetime | str) -> None:
         """Suspend the run until ``when`` (an aware ``datetime`` or an ISO-8601 string)."""
         await self._engine.sleep_step(step_id, when, until=True)
+
+    async def wait_for_event(
+        self,
+        step_id: str,
+        *,
+        event: str,
+        timeout: Duration,
+        match: str | None = None,
+        if_: str | None = None,
+        lookback: Duration | None = None,
+        since: str = "trigger",
+    ) -> Event | None:
+        """Suspend the run until an event named ``event`` arrives; return it, or None on timeout.
+
+        Which events count: by default every ``event`` stored *after the run's triggering
+        event*, so one sent right after the trigger is seen even if the function reaches this
+        wait later; and never one this run already took (a second wait for the same name starts
+        after the event the first took). ``lookback="1h"`` widens the window back in time from
+        the trigger; ``since="wait"`` narrows it to events sent after the wait began.
+
+        Args:
+            step_id: the step's name within the run.
+            event: the event name to wait for.
+            timeout: give up after this long (``"7d"``, seconds, ``timedelta``) and return None.
+            match: a path like ``"data.userId"``: the event's value there must equal the
+                triggering event's value at that path (an indexed lookup).
+            if_: a CEL condition over ``event`` (the trigger) and ``async`` (the candidate).
+            lookback: also accept events stored up to this long before the trigger.
+            since: ``"trigger"`` (default) or ``"wait"``.
+        """
+        return await self._engine.wait_step(step_id, [(event, match, if_)], timeout, lookback, since)
+
+    async def wait_for_any(
+        self,
+        step_id: str,
+        events: Sequence[WaitFor | str],
+        *,
+        timeout: Duration,
+        lookback: Duration | None = None,
+        since: str = "trigger",
+    ) -> Event | None:
+        """Like `wait_for_event`, for several events: the first that arrives wins, the rest are dropped.
+
+        Returns the winning event (its ``name`` tells which) or None on timeout.
+        """
+        specs: list[tuple[object, object, object]] = []
+        for spec in events:
+            if isinstance(spec, WaitFor):
+                specs.append((spec.event, spec.match, spec.if_))
+            else:
+                specs.append((spec, None, None))
+        if not specs:
+            raise ConfigError(f"step {step_id!r}: wait_for_any needs at least one event")
+        return await self._engine.wait_step(step_id, specs, timeout, lookback, since)
+
+    async def invoke(
+        self,
+        step_id: str,
+        *,
+        function: Function | str,
+        data: dict[str, Any] | None = None,
+        timeout: Duration | None = None,
+        type: Any = None,
+    ) -> Any:
+        """Run another function as a child run and return its output.
+
+        The child gets an event named ``meshflow/function.invoked`` carrying ``data``, and its run
+        records this run as its parent. The parent holds nothing while it waits.
+
+        Args:
+            step_id: the step's name within the run.
+            function: the `Function`, or its full id ``"{app}-{fn}"`` (for another app's function).
+            data: the child's ``ctx.event.data``.
+            timeout: give up after this long (default: wait as long as the child takes).
+            type: decode the child's output into this type.
+
+        Raises:
+            StepError: the child failed (its error), or the timeout passed (``InvokeTimeoutError``).
+        """
+        return await self._engine.invoke_step(step_id, function, data, timeout, type)
+
+    async def send_event(self, step_id: str, events: Event | Sequence[Event]) -> list[str]:
+        """Send one or more events, once: a re-executed run never sends them twice.
+
+        Returns the ids of the events sent.
+        """
+        return await self._engine.send_step(step_id, events)
 
 
 class Context:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -23,8 +22,17 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
 
 from .bus import NATS_ERRORS, ApiError, Requester
+from .durations import from_ms, rfc3339
 from .errors import NatsError
-from .names import HDR_EXPECTED_LAST_SUBJECT_SEQ, Names, direct_get_subject, kv_stream, kv_subject
+from .names import (
+    HDR_EXPECTED_LAST_SUBJECT_SEQ,
+    HDR_KV_OPERATION,
+    HDR_ROLLUP,
+    HDR_TTL,
+    Names,
+    kv_stream,
+    kv_subject,
+)
 from .runs import RunRecord, StepMemo, decode_memo, decode_run, encode_record
 
 _BATCH = 1024  # the most subjects one multi_last direct get may match
@@ -38,12 +46,9 @@ class _WrongRevision(Exception):
     """A KV write's expected revision did not match (internal signal)."""
 
 
-class _TooManyResults(Exception):
-    """A batched direct get matched more subjects than the server returns at once."""
-
-
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
 _TIMEOUT = 10.0
+_READ_ERRORS: tuple[type[BaseException], ...] = (ApiError, *NATS_ERRORS)
 _WATCH_POLL_FIRST = 0.05
 _WATCH_POLL_MAX = 1.0
 
@@ -77,6 +82,7 @@ class Store:
         self._runs: Any = None
         self._steps: Any = None
         self._registry: Any = None
+        self._waits: Any = None
 
     async def open(self, *, create: bool = True, replicas: int = 1) -> Store:
         """Bind the buckets, creating any that are missing when ``create`` is set."""
@@ -84,6 +90,7 @@ class Store:
         self._runs = await self._bucket(n.runs_bucket, create, replicas)
         self._steps = await self._bucket(n.steps_bucket, create, replicas)
         self._registry = await self._bucket(n.registry_bucket, create, replicas)
+        self._waits = await self._bucket(n.waits_bucket, create, replicas)
         return self
 
     async def _bucket(self, name: str, create: bool, replicas: int) -> Any:
@@ -226,31 +233,30 @@ class Store:
         memos = (decode_memo(data) for data in values.values())
         return {memo.hash: memo for memo in memos}
 
-    async def _last_values(self, bucket: str, keys: str) -> dict[str, bytes]:
-        """The current value of every key matching ``keys`` (like ``run.>``), by subject.
+    async def _last_values(self, bucket: str, keys: str | list[str]) -> dict[str, bytes]:
+        """The current value of every key matching ``keys`` (patterns like ``run.>``), by subject.
 
         One batched direct get (``multi_last``) when at most 1,024 keys match, which is the
         server's limit for one such request; past it, batched direct gets page through the
         matching messages by stream sequence, later values replacing earlier ones.
         """
-        subject = kv_subject(bucket, keys)
+        stream = kv_stream(bucket)
+        subjects = [kv_subject(bucket, k) for k in ([keys] if isinstance(keys, str) else keys)]
         try:
-            msgs = await self._direct_batch(kv_stream(bucket), {"multi_last": [subject], "batch": _BATCH})
-        except _TooManyResults:
-            msgs = None
-        if msgs is None or len(msgs) >= _BATCH:  # refused, or a full batch that may be cut short
-            msgs = []
-            seq = 1
-            while True:
-                page = await self._direct_batch(
-                    kv_stream(bucket), {"seq": seq, "next_by_subj": subject, "batch": _BATCH}
-                )
-                msgs.extend(page)
-                if len(page) < _BATCH:
-                    break
-                seq = int(page[-1][0].get("Nats-Sequence", "0")) + 1  # pages come in stream order
+            try:
+                msgs = await self.requests.direct_batch(stream, {"multi_last": subjects, "batch": _BATCH})
+            except ApiError as exc:
+                if exc.code != 413:  # 413: more subjects match than one request may return
+                    raise
+                msgs = None
+            if msgs is None or len(msgs) >= _BATCH:  # refused, or a full batch that may be cut short
+                msgs = []
+                for subject in subjects:
+                    msgs.extend(await self._page(stream, subject))
+        except _READ_ERRORS as exc:
+            raise NatsError(f"cannot read {bucket}: {exc!r}") from exc
         values: dict[str, bytes] = {}
-        for headers, data in msgs:  # in stream order: a later write or delete wins
+        for headers, data in msgs:  # in stream order per subject: a later write or delete wins
             key = headers.get("Nats-Subject", "")
             if headers.get("KV-Operation") in ("DEL", "PURGE") or not data:
                 values.pop(key, None)
@@ -258,34 +264,67 @@ class Store:
                 values[key] = data
         return values
 
-    async def _direct_batch(self, stream: str, request: dict[str, Any]) -> list[tuple[dict[str, str], bytes]]:
+    async def _page(self, stream: str, subject: str) -> list[tuple[dict[str, str], bytes]]:
+        """Every message on ``subject`` in stream order, a batch of 1,024 at a time."""
         out: list[tuple[dict[str, str], bytes]] = []
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        seq = 1
+        while True:
+            page = await self.requests.direct_batch(
+                stream, {"seq": seq, "next_by_subj": subject, "batch": _BATCH}
+            )
+            out.extend(page)
+            if len(page) < _BATCH:
+                return out
+            seq = int(page[-1][0].get("Nats-Sequence", "0")) + 1
 
-        async def on_msg(msg: Any) -> None:
-            headers = msg.headers or {}
-            status = headers.get("Status")
-            if status is None:
-                out.append((headers, msg.data))
-            elif not done.done():
-                if status in ("204", "404"):  # end of batch / nothing matched
-                    done.set_result(None)
-                elif status == "413":  # more subjects match than one request may return
-                    done.set_exception(_TooManyResults())
-                else:
-                    done.set_exception(NatsError(f"direct get from {stream} failed: {status} {headers}"))
+    # --- waiters ------------------------------------------------------------------------------
+    async def put_waits(self, items: list[tuple[str, bytes, int | None]]) -> None:
+        """Write waiter entries (key, value, TTL in seconds or None) all at once."""
+        bucket = self.names.waits_bucket
+        batch = [
+            (kv_subject(bucket, key), value, {HDR_TTL: f"{ttl}s"} if ttl else None)
+            for key, value, ttl in items
+        ]
+        await self._publish_all(batch, "waiters")
 
-        inbox = self.nc.new_inbox()
+    async def drop_waits(self, keys: list[str]) -> None:
+        """Remove waiter entries; their purge markers expire a minute later."""
+        bucket = self.names.waits_bucket
+        headers = {HDR_KV_OPERATION: "PURGE", HDR_ROLLUP: "sub", HDR_TTL: "60s"}
+        await self._publish_all([(kv_subject(bucket, key), b"", headers) for key in keys], "waiters")
+
+    async def _publish_all(self, batch: list[tuple[str, bytes, dict[str, str] | None]], what: str) -> None:
+        if not batch:
+            return
         try:
-            sub = await self.nc.subscribe(inbox, cb=on_msg)
-            try:
-                await self.nc.publish(direct_get_subject(stream), json.dumps(request).encode(), reply=inbox)
-                await asyncio.wait_for(done, 10)
-            finally:
-                await sub.unsubscribe()
+            replies = await self.requests.publish_batch(batch, _TIMEOUT)
         except NATS_ERRORS as exc:
-            raise NatsError(f"direct get from {stream} failed: {exc!r}") from exc
-        return out
+            raise NatsError(f"cannot write {what}: {exc!r}") from exc
+        failed = next((r for r in replies if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise NatsError(f"cannot write {what}: {failed!r}")
+
+    async def find_waits(self, patterns: list[str]) -> dict[str, bytes]:
+        """The waiter entries under ``patterns`` (keys with wildcards), by key."""
+        prefix = len(kv_subject(self.names.waits_bucket, ""))
+        values = await self._last_values(self.names.waits_bucket, patterns)
+        return {subject[prefix:]: data for subject, data in values.items()}
+
+    async def read_events(
+        self, subject: str, *, after_seq: int = 0, since_ms: int = 0, limit: int = 256
+    ) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` events on ``subject`` in stream order, as (sequence, data): those after
+        ``after_seq`` when it is set, else those stored at or after ``since_ms``."""
+        request: dict[str, Any] = {"next_by_subj": subject, "batch": limit}
+        if after_seq > 0:
+            request["seq"] = after_seq + 1
+        else:
+            request["start_time"] = rfc3339(from_ms(since_ms))
+        try:
+            msgs = await self.requests.direct_batch(self.names.events_stream, request)
+        except _READ_ERRORS as exc:
+            raise NatsError(f"cannot read events on {subject}: {exc!r}") from exc
+        return [(int(headers.get("Nats-Sequence", "0")), data) for headers, data in msgs]
 
     # --- registry -----------------------------------------------------------------------------
     async def put_function(self, info: FunctionInfo) -> None:
@@ -293,6 +332,15 @@ class Store:
             await self._registry.put(self.names.function_key(info.full_id), _info_encoder.encode(info))
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot register function {info.full_id}: {exc!r}") from exc
+
+    async def get_function(self, full_id: str) -> FunctionInfo | None:
+        """The function registered under ``full_id``, or None if no worker registered it."""
+        got = await self._get(
+            self.names.registry_bucket, self.names.function_key(full_id), f"function {full_id}"
+        )
+        if got is None or got[2]:
+            return None
+        return _info_decoder.decode(got[0])
 
     async def list_functions(self) -> list[FunctionInfo]:
         """Every function any worker has registered in this namespace."""

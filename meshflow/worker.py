@@ -33,13 +33,28 @@ import structlog
 
 from . import replay
 from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, decode_run_message, open_nats
-from .durations import now_ms
+from .durations import epoch_ms, now_ms
 from .errors import MeshflowError, NatsError
-from .events import decode_event, encode_event
+from .events import Event, decode_event, encode_event
 from .functions import App, Function
 from .ids import new_ulid
-from .names import HDR_MSG_ID, Names
-from .runs import NULL, Lease, PendingKind, RunRecord, RunStatus, StepMemo, finished_events
+from .names import EVENT_FUNCTION_INVOKED, HDR_MSG_ID, Names
+from .router import Router
+from .runs import (
+    NEVER,
+    NULL,
+    ErrorInfo,
+    Lease,
+    ParentRef,
+    Pending,
+    PendingKind,
+    RunRecord,
+    RunStatus,
+    StepKind,
+    StepMemo,
+    StepStatus,
+    finished_events,
+)
 from .store import FunctionInfo, RunConflict, Store
 from .timers import LocalTimers, WarmRun
 
@@ -50,10 +65,11 @@ log = structlog.get_logger("meshflow.worker")
 
 
 class _StoreEffects:
-    """The engine's one effect: committing a memo to the steps bucket."""
+    """The engine's effects: committing memos to the steps bucket, sending events."""
 
-    def __init__(self, store: Store, run_id: str, memos: dict[str, StepMemo]) -> None:
+    def __init__(self, store: Store, bus: Bus, run_id: str, memos: dict[str, StepMemo]) -> None:
         self.store = store
+        self.bus = bus
         self.run_id = run_id
         self.memos = dict(memos)  # what is committed now: the pass's memos plus its commits
 
@@ -61,6 +77,15 @@ class _StoreEffects:
         stored = await self.store.commit_memo(self.run_id, memo)
         self.memos[stored.hash] = stored
         return stored
+
+    async def send(self, events: Sequence[Event], msg_ids: Sequence[str]) -> None:
+        subject = self.bus.names.event_subject
+        await self.bus.publish_many(
+            [
+                (subject(e.name), encode_event(e), {HDR_MSG_ID: m})
+                for e, m in zip(events, msg_ids, strict=True)
+            ]
+        )
 
 
 class Worker:
@@ -120,8 +145,10 @@ class Worker:
         self.nc = await open_nats(self.servers, name=f"meshflow-worker-{self.id}")
         self.bus = Bus(self.nc, self.names)
         self.store = Store(self.nc, self.names, self.bus.requests)
+        self.router = Router(self.store, self.bus, self.names)
         await self.bus.ensure_streams()
         await self.store.open()
+        await self.bus.ensure_router(ack_wait=self.ack_wait)
         for fn in self.functions.values():
             await self.bus.ensure_consumers(fn, ack_wait=self.ack_wait)
             await self.store.put_function(
@@ -140,8 +167,14 @@ class Worker:
         for fn in self.functions.values():
             triggers = await self.bus.pull(n.events_stream, n.trigger_consumer(fn.app_id, fn.id))
             runs = await self.bus.pull(n.runs_stream, n.run_consumer(fn.app_id, fn.id))
-            self._loops.append(asyncio.create_task(self._pull_loop(triggers, fn, self._on_event)))
-            self._loops.append(asyncio.create_task(self._pull_loop(runs, fn, self._on_run)))
+            self._loops.append(
+                asyncio.create_task(self._pull_loop(triggers, fn.full_id, self._handler(fn, self._on_event)))
+            )
+            self._loops.append(
+                asyncio.create_task(self._pull_loop(runs, fn.full_id, self._handler(fn, self._on_run)))
+            )
+        routed = await self.bus.pull(n.events_stream, n.router_consumer)
+        self._loops.append(asyncio.create_task(self._pull_loop(routed, "router", self._on_routed)))
         log.info("worker started", worker=self.id, functions=sorted(self.functions), namespace=n.ns)
 
     async def stop(self, grace: float = 30.0) -> None:
@@ -188,9 +221,16 @@ class Worker:
         await self.stop()
 
     # --- pulling ------------------------------------------------------------------------------
-    async def _pull_loop(
-        self, sub: Any, fn: Function, handle: Callable[[Function, Any], Awaitable[None]]
-    ) -> None:
+    @staticmethod
+    def _handler(
+        fn: Function, handle: Callable[[Function, Any], Awaitable[None]]
+    ) -> Callable[[Any], Awaitable[None]]:
+        async def bound(msg: Any) -> None:
+            await handle(fn, msg)
+
+        return bound
+
+    async def _pull_loop(self, sub: Any, label: str, handle: Callable[[Any], Awaitable[None]]) -> None:
         """Fetch as many messages as there are free slots and work on each in its own task.
 
         Slots are taken per message received, not held across the long-poll fetch: an idle
@@ -208,27 +248,25 @@ class Worker:
                 msgs = []
             except Exception as exc:  # connection lost, server restarting: keep trying
                 msgs = []
-                log.warning("fetch failed; retrying", function=fn.full_id, error=repr(exc))
+                log.warning("fetch failed; retrying", consumer=label, error=repr(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             for msg in msgs:
                 await self._slots.acquire()  # a few over a racing loop's share wait here, briefly
                 self._inflight += 1
-                task = asyncio.create_task(self._guard(fn, msg, handle))
+                task = asyncio.create_task(self._guard(label, msg, handle))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    async def _guard(
-        self, fn: Function, msg: Any, handle: Callable[[Function, Any], Awaitable[None]]
-    ) -> None:
+    async def _guard(self, label: str, msg: Any, handle: Callable[[Any], Awaitable[None]]) -> None:
         try:
-            await handle(fn, msg)
+            await handle(msg)
         except asyncio.CancelledError:
             with contextlib.suppress(*NATS_ERRORS):
                 await msg.nak()
             raise
         except Exception as exc:  # NATS trouble mid-way: leave the message for redelivery
-            log.warning("message left for redelivery", function=fn.full_id, error=repr(exc))
+            log.warning("message left for redelivery", consumer=label, error=repr(exc))
             with contextlib.suppress(*NATS_ERRORS):
                 await msg.nak(delay=1.0)
         finally:
@@ -265,12 +303,19 @@ class Worker:
             started_at=now,
             lease=Lease(worker=self.id, until=now + self.lease_ms),
             failure_of=event.data.get("run_id") if fn.failure_of else None,
+            seq=msg.metadata.sequence.stream if msg.metadata else 0,
         )
         rev = await self.store.create_run(record)
         if rev is not None:
             await self._advance(fn, msg, _Holder(record, rev), memos={}, rmsg=None)
         else:  # claimed before: a resent or redelivered event
             await self._resume(fn, msg, await self.store.get_run(run_id), rmsg=None)
+
+    # --- the router: events resume waits --------------------------------------------------------
+    async def _on_routed(self, msg: Any) -> None:
+        meta = msg.metadata
+        await self.router.route(msg.data, meta.sequence.stream, epoch_ms(meta.timestamp))
+        await msg.ack()
 
     # --- runs: advance ------------------------------------------------------------------------
     async def _on_run(self, fn: Function, msg: Any) -> None:
@@ -300,9 +345,9 @@ class Worker:
             return
         if record.status.suspended and (
             rmsg is None  # a resent event for a suspended run: its timers resume it
-            or (rmsg.reason == "timer" and all(p.key != rmsg.key for p in record.pending))
+            or (rmsg.key and all(p.key != rmsg.key for p in record.pending))
         ):
-            await msg.ack()  # or a timer whose item was resumed already (its twin fired first)
+            await msg.ack()  # or a timer (event, child run) whose item was resumed already
             return
         now = now_ms()
         lease = record.lease
@@ -362,28 +407,131 @@ class Worker:
         record = holder.record
         if memos is None:
             memos = await self.store.load_memos(record.id)
-        effects = _StoreEffects(self.store, record.id, memos)
+        effects = _StoreEffects(self.store, self.bus, record.id, memos)
+        before = before or record
+        redelivered = _redelivered(msg)
+        # Waits registered and children started already; after a redelivery, do them again.
+        opened = set() if redelivered else {p.key for p in before.pending}
+        pending, failures, attempt = record.pending, record.step_failures, record.attempt
         beat = asyncio.create_task(self._heartbeat(msg, holder))
         try:
-            outcome = await replay.execute(
-                replay.Activation(
-                    function=fn,
-                    run_id=record.id,
-                    events=record.events,
-                    attempt=record.attempt,
-                    memos=memos,
-                    pending=record.pending,
-                    step_failures=record.step_failures,
-                ),
-                effects,
-            )
+            while True:
+                outcome = await replay.execute(
+                    replay.Activation(
+                        function=fn,
+                        run_id=record.id,
+                        events=record.events,
+                        attempt=attempt,
+                        memos=effects.memos,
+                        pending=pending,
+                        step_failures=failures,
+                        seq=record.seq,
+                        created_at=record.created_at,
+                    ),
+                    effects,
+                )
+                # A wait an event already satisfies, or an invoke that cannot start: go on at once.
+                if not isinstance(outcome, replay.Suspended) or not await self._open(
+                    fn, record, outcome.pending, opened, effects
+                ):
+                    break
+                pending, failures, attempt = outcome.pending, outcome.step_failures, outcome.attempt
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
-        await self._finish(fn, holder, before or record, rmsg, outcome, _redelivered(msg), effects.memos)
+        await self._finish(fn, holder, before, rmsg, outcome, redelivered, effects.memos)
         if msg is not None:
             await msg.ack()
+
+    async def _open(
+        self,
+        fn: Function,
+        record: RunRecord,
+        pending: list[Pending],
+        opened: set[str],
+        effects: _StoreEffects,
+    ) -> bool:
+        """Register new waits and start new child runs; True if one of them is resolved already."""
+        resolved = False
+        for item in pending:
+            if item.key in opened or item.kind not in (PendingKind.WAIT, PendingKind.INVOKE):
+                continue
+            opened.add(item.key)
+            if item.kind is PendingKind.WAIT:
+                memo = await self.router.open_wait(record, item)
+            else:
+                memo = await self._start_child(record, item)
+            if memo is not None:
+                effects.memos[memo.hash] = memo
+                resolved = True
+        return resolved
+
+    async def _start_child(self, record: RunRecord, item: Pending) -> StepMemo | None:
+        """Create an ``invoke`` step's child run and have it started; a failed memo if it cannot be."""
+        spec = item.invoke
+        assert spec is not None
+        now = now_ms()
+        local = self.functions.get(spec.function)
+        info = None if local is not None else await self.store.get_function(spec.function)
+        if local is None and info is None:
+            error = ErrorInfo(
+                type="FunctionNotFoundError",
+                message=f"no worker has registered function {spec.function!r} in namespace "
+                f"{self.names.ns!r}; invoke takes a Function or its full id '{{app}}-{{fn}}'",
+                retriable=False,
+            )
+            failed = StepMemo(
+                id=item.step_id,
+                hash=item.key,
+                kind=StepKind.INVOKE,
+                status=StepStatus.FAILED,
+                error=error,
+                started_at=item.since,
+                ended_at=now,
+                child=spec.run_id,
+            )
+            return await self.store.commit_memo(record.id, failed)
+        app, fn_id = (local.app_id, local.id) if local is not None else (info.app, info.id)  # type: ignore[union-attr]
+        child = RunRecord(
+            id=spec.run_id,
+            app=app,
+            function=spec.function,
+            fn=fn_id,
+            status=RunStatus.QUEUED,
+            events=[Event(name=EVENT_FUNCTION_INVOKED, id=f"{record.id}:{item.key}", data=spec.data, ts=now)],
+            created_at=now,
+            updated_at=now,
+            parent=ParentRef(
+                run_id=record.id, app=record.app, fn=record.fn, key=item.key, step_id=item.step_id
+            ),
+        )
+        await self.store.create_run(child)  # None: created by an earlier pass, which is fine
+        start = RunMessage(run_id=child.id, reason="start")
+        await self.bus.publish_run(app, fn_id, start, msg_id=f"{child.id}:start")
+        return None
+
+    async def _notify_parent(self, run: RunRecord) -> None:
+        """Resolve the parent's ``invoke`` step with this run's output or error, and wake it."""
+        parent = run.parent
+        assert parent is not None
+        ok = run.status is RunStatus.COMPLETED
+        memo = StepMemo(
+            id=parent.step_id,
+            hash=parent.key,
+            kind=StepKind.INVOKE,
+            status=StepStatus.COMPLETED if ok else StepStatus.FAILED,
+            output=run.output if ok else NULL,
+            error=None
+            if ok
+            else (run.error or ErrorInfo(type="Cancelled", message=f"run {run.id} was {run.status}")),
+            started_at=run.created_at,
+            ended_at=run.ended_at or now_ms(),
+            child=run.id,
+        )
+        await self.store.commit_memo(parent.run_id, memo)
+        wake = RunMessage(run_id=parent.run_id, reason="invoke", key=parent.key)
+        await self.bus.publish_run(parent.app, parent.fn, wake, msg_id=f"{parent.run_id}:{parent.key}:invoke")
 
     async def _heartbeat(self, msg: Any | None, holder: _Holder) -> None:
         """While a long pass runs: keep the message from redelivery and renew the lease."""
@@ -416,10 +564,16 @@ class Worker:
                 for item in outcome.pending
                 if redelivered or (item.key, item.until) not in known or (rmsg and rmsg.key == item.key)
             ]
+            rearm = [item for item in rearm if item.until < NEVER]
             for item in rearm:
                 await self.bus.schedule(fn, base.id, item.key, item.until)
             kinds = {p.kind for p in outcome.pending}
-            status = RunStatus.SLEEPING if PendingKind.SLEEP in kinds else RunStatus.RETRYING
+            if kinds & {PendingKind.WAIT, PendingKind.INVOKE}:
+                status = RunStatus.WAITING
+            elif PendingKind.SLEEP in kinds:
+                status = RunStatus.SLEEPING
+            else:
+                status = RunStatus.RETRYING
             final = msgspec.structs.replace(
                 base,
                 status=status,
@@ -447,13 +601,23 @@ class Worker:
             # Both at once: a crash between them leaves the message unacked, and its redelivery
             # finds the terminal record and emits again (deduplicated by the event id).
             await asyncio.gather(self._emit_finished(fn, final), self._write_final(holder, final))
+            await self._forget_waits(before, final)
             _log_outcome(final)
             return
         await self._write_final(holder, final)
+        await self._forget_waits(before, final)
         armed = [item for item in rearm if self._arm_local_timer(fn, base.id, item.key, item.until)]
         if armed and holder.record is final:
             self._timers.keep_warm(final, holder.rev, memos)
         _log_outcome(final)
+
+    async def _forget_waits(self, before: RunRecord, after: RunRecord) -> None:
+        """Drop the entries of waits that ended in this pass (the router drops those it resolves)."""
+        still = {p.key for p in after.pending}
+        for item in before.pending:
+            if item.kind is PendingKind.WAIT and item.key not in still:
+                with contextlib.suppress(NatsError):
+                    await self.router.forget(before.id, item)
 
     # --- local timers -------------------------------------------------------------------------
     def _arm_local_timer(self, fn: Function, run_id: str, key: str, until: int) -> bool:
@@ -470,7 +634,7 @@ class Worker:
         if warm is not None and await self._resume_warm(fn, warm, wake):
             return
         try:
-            await self.bus.publish_run(fn, wake, msg_id=f"{run_id}:{key}:{until}")
+            await self.bus.publish_run(fn.app_id, fn.id, wake, msg_id=f"{run_id}:{key}:{until}")
         except MeshflowError as exc:  # the durable schedule will still fire
             log.warning("local timer could not wake the run", run_id=run_id, error=str(exc))
 
@@ -508,6 +672,8 @@ class Worker:
         await self.bus.publish_many(
             [(self.names.event_subject(e.name), encode_event(e), {HDR_MSG_ID: e.id}) for e in events]
         )
+        if run.parent is not None:
+            await self._notify_parent(run)
 
     async def _write_final(self, holder: _Holder, final: RunRecord) -> None:
         for _ in range(10):
@@ -537,8 +703,8 @@ def _log_outcome(run: RunRecord) -> None:
         err = run.error
         log.warning("run failed", error=f"{err.type}: {err.message}" if err else None, **fields)
     else:
-        until = min(p.until for p in run.pending) if run.pending else None
-        log.info(f"run {run.status}", resumes_in_ms=until - now_ms() if until else None, **fields)
+        until = min(p.until for p in run.pending) if run.pending else NEVER
+        log.info(f"run {run.status}", resumes_in_ms=until - now_ms() if until < NEVER else None, **fields)
 
 
 class _Holder:

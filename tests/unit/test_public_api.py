@@ -28,6 +28,7 @@ PUBLIC_API = [
     "Step",
     "StepError",
     "StepInfo",
+    "WaitFor",
     "Worker",
     "connect",
 ]

@@ -1,4 +1,5 @@
-"""The pure modules (replay, ids, runs, durations, retries) must not import NATS or do network I/O.
+"""The pure modules (replay, ids, runs, durations, retries, expressions, waits, cron) must not
+import NATS or do network I/O.
 
 They are checked by reading their source with `ast`, not by importing them, so a forbidden import
 is caught even when it sits inside a function or an `if TYPE_CHECKING:` block.
@@ -11,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-PURE_MODULES = ["meshflow.replay", "meshflow.ids", "meshflow.runs", "meshflow.durations", "meshflow.retries"]
+PURE_MODULES = [
+    "meshflow.replay",
+    "meshflow.ids",
+    "meshflow.runs",
+    "meshflow.durations",
+    "meshflow.retries",
+    "meshflow.expressions",
+    "meshflow.waits",
+    "meshflow.cron",
+]
 MUST_EXIST = ["meshflow.ids", "meshflow.durations", "meshflow.retries"]
 
 # Top-level packages whose import means network or process I/O.

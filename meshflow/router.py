@@ -1,0 +1,194 @@
+"""The event router: resumes runs waiting in ``wait_for_event`` / ``wait_for_any``.
+
+Every worker pulls from one shared durable consumer, ``router``, on the events stream, so each
+event is routed once however many workers run. For an event it looks up the waiters of its name
+in the waits bucket (see ``waits`` for the index), and for each one that accepts the event it
+commits the wait's step memo (``create``: first writer wins, so an event and a timeout, or two
+events, resolve a wait exactly once), publishes "advance run" for the run, and drops the
+wait's entries.
+
+Nothing is missed: a worker suspending a run on a wait first reads the events already in the
+wait's window (`Router.open_wait`), then registers the waiter, then reads again from where it
+stopped. An event stored before the waiter was written is found by the second read; one stored
+after it is routed by the consumer, which sees the waiter. Both may find the same event; the memo
+commit makes that harmless.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import structlog
+
+from .bus import Bus, RunMessage
+from .durations import now_ms
+from .events import Event, decode_event
+from .expressions import lookup, match_key
+from .names import Names
+from .runs import Pending, RunRecord, StepKind, StepMemo, StepStatus, WaitSpec
+from .store import Store
+from .waits import (
+    Waiter,
+    accepts,
+    decode_waiter,
+    encode_waiter,
+    field_token,
+    in_window,
+    name_token,
+    waiter_keys,
+)
+
+log = structlog.get_logger("meshflow.router")
+
+_SCAN_BATCH = 256
+#: Waiter entries outlive their wait's timeout by this much, then expire on their own.
+_WAITER_GRACE_S = 3600
+
+
+class Router:
+    """Registers waits and routes events to them, for one namespace."""
+
+    def __init__(self, store: Store, bus: Bus, names: Names) -> None:
+        self.store = store
+        self.bus = bus
+        self.names = names
+
+    # --- the worker's side: a run suspends on a wait ------------------------------------------
+    async def open_wait(self, record: RunRecord, item: Pending) -> StepMemo | None:
+        """Register the wait ``item`` of a run being suspended, unless an event in its window
+        already satisfies it; return the wait's memo when it is resolved."""
+        trigger = record.events[0] if record.events else None
+        memo, positions = await self._scan(record, item, trigger, None)
+        if memo is not None:
+            return memo
+        await self._register(record, item, trigger)
+        memo, _ = await self._scan(record, item, trigger, positions)
+        return memo
+
+    async def forget(self, run_id: str, item: Pending) -> None:
+        """Drop a wait's entries (resolved or timed out); best effort, they expire anyway."""
+        keys = [k for k in waiter_keys(self.names, run_id, item.key, item.waits) if k]
+        await self.store.drop_waits(keys)
+
+    async def _register(self, record: RunRecord, item: Pending, trigger: Event | None) -> None:
+        keys = waiter_keys(self.names, record.id, item.key, item.waits)
+        live = [k for k in keys if k]
+        ttl = max(1, (item.until - now_ms()) // 1000 + _WAITER_GRACE_S)
+        writes: list[tuple[str, bytes, int | None]] = []
+        for spec, key in zip(item.waits, keys, strict=True):
+            if key is None:
+                continue  # a match on a value the trigger lacks: only the timeout can end it
+            waiter = Waiter(
+                run_id=record.id,
+                app=record.app,
+                fn=record.fn,
+                key=item.key,
+                step_id=item.step_id,
+                since=item.since,
+                until=item.until,
+                spec=spec,
+                trigger=trigger if spec.if_ else None,
+                keys=live,
+            )
+            writes.append((key, encode_waiter(waiter), ttl))
+            if spec.match is not None:  # tells the router to look up this field for this name
+                marker = self.names.wait_field_key(name_token(spec.event), field_token(spec.match))
+                writes.append((marker, spec.match.encode(), None))
+        await self.store.put_waits(writes)
+
+    async def _scan(
+        self, record: RunRecord, item: Pending, trigger: Event | None, start: list[int] | None
+    ) -> tuple[StepMemo | None, list[int]]:
+        """Read the events in each spec's window (from ``start``, the sequences reached by a
+        previous read); commit the earliest acceptable one. Returns the memo and where each
+        spec's read stopped."""
+        best: tuple[int, bytes] | None = None
+        positions: list[int] = []
+        for i, spec in enumerate(item.waits):
+            after = start[i] if start is not None else spec.floor_seq
+            found, after = await self._first_match(spec, trigger, after)
+            positions.append(after)
+            if found is not None and (best is None or found[0] < best[0]):
+                best = found
+        if best is None:
+            return None, positions
+        seq, raw = best
+        return await self._commit(record.id, item.key, item.step_id, item.since, raw, seq), positions
+
+    async def _first_match(
+        self, spec: WaitSpec, trigger: Event | None, after: int
+    ) -> tuple[tuple[int, bytes] | None, int]:
+        subject = self.names.event_subject(spec.event)
+        while True:
+            if after > 0:
+                page = await self.store.read_events(subject, after_seq=after, limit=_SCAN_BATCH)
+            else:
+                page = await self.store.read_events(subject, since_ms=spec.floor_time, limit=_SCAN_BATCH)
+            for seq, raw in page:
+                after = seq
+                try:
+                    event = decode_event(raw)
+                except msgspec.DecodeError:
+                    continue
+                if accepts(spec, trigger, event):
+                    return (seq, raw), after
+            if len(page) < _SCAN_BATCH:
+                return None, after
+
+    async def _commit(
+        self, run_id: str, key: str, step_id: str, since: int, raw: bytes, seq: int
+    ) -> StepMemo:
+        memo = StepMemo(
+            id=step_id,
+            hash=key,
+            kind=StepKind.WAIT,
+            status=StepStatus.COMPLETED,
+            output=msgspec.Raw(raw),
+            started_at=since,
+            ended_at=now_ms(),
+            seq=seq,
+        )
+        return await self.store.commit_memo(run_id, memo)
+
+    # --- the router consumer's side: an event arrives -----------------------------------------
+    async def route(self, raw: bytes, seq: int, stored_ms: int) -> int:
+        """Resume every run waiting for this event; returns how many it resumed."""
+        try:
+            event = decode_event(raw)
+        except msgspec.DecodeError:
+            return 0
+        ntok = name_token(event.name)
+        names = self.names
+        found = await self.store.find_waits([names.wait_fields(ntok), names.wait_scans(ntok)])
+        marker_prefix = names.wait_field_key(ntok, "")
+        waiters = [v for k, v in found.items() if not k.startswith(marker_prefix)]
+        fields = [v.decode() for k, v in found.items() if k.startswith(marker_prefix)]
+        if fields:
+            as_dict = msgspec.to_builtins(event)
+            patterns = []
+            for path in fields:
+                ok, value = lookup(as_dict, tuple(path.split(".")))
+                if ok:
+                    patterns.append(names.wait_matches(ntok, field_token(path), match_key(value)))
+            if patterns:
+                waiters.extend((await self.store.find_waits(patterns)).values())
+        resumed = 0
+        for data in waiters:
+            try:
+                waiter = decode_waiter(data)
+            except msgspec.DecodeError:
+                log.warning("undecodable waiter skipped")
+                continue
+            if in_window(waiter.spec, seq, stored_ms) and accepts(waiter.spec, waiter.trigger, event):
+                resumed += await self._resolve(waiter, raw, seq)
+        return resumed
+
+    async def _resolve(self, waiter: Waiter, raw: bytes, seq: int) -> int:
+        stored = await self._commit(waiter.run_id, waiter.key, waiter.step_id, waiter.since, raw, seq)
+        won = stored.seq == seq
+        if won:  # also after a redelivery of this event: the message id dedupes
+            wake = RunMessage(run_id=waiter.run_id, reason="event", key=waiter.key)
+            await self.bus.publish_run(
+                waiter.app, waiter.fn, wake, msg_id=f"{waiter.run_id}:{waiter.key}:event"
+            )
+        await self.store.drop_waits(waiter.keys)
+        return int(won)

@@ -1,0 +1,125 @@
+"""Waiters: runs suspended in ``wait_for_event`` / ``wait_for_any``, and which events they accept.
+
+A waiting run is written to the ``{ns}_waits`` bucket once per event it accepts, under a key the
+router can find from the event alone:
+
+- with ``match="data.userId"``: ``{name}.m.{field}.{value}.{run}.{step}.{i}``, where ``value`` is a
+  hash of the triggering event's ``data.userId``. An event is routed with one lookup per match
+  field in use for its name (the ``{name}.f.*`` markers), whatever the number of waiters;
+- without ``match``: ``{name}.x.{run}.{step}.{i}``, checked against every event of that name.
+
+An event is accepted when it lies in the waiter's window (stream sequence above ``floor_seq``, or
+stored at or after ``floor_time``), has the exact name (two names can share a subject), matches,
+and passes ``if_``. Whoever accepts it first commits the step's memo (``create``: first writer
+wins), so an event and a timeout, or two events, resolve a wait exactly once.
+
+Pure: no I/O; the router (``meshflow.router``) does the reading and writing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any
+
+import msgspec
+
+from .events import Event
+from .expressions import Expression, compile_expression, compile_match, lookup, match_key
+from .names import Names
+from .runs import WaitSpec
+
+
+class Waiter(msgspec.Struct, frozen=True, kw_only=True):
+    """One event one waiting run accepts, as stored in the waits bucket."""
+
+    v: int = 1
+    run_id: str
+    app: str
+    fn: str
+    key: str  # the step hash
+    step_id: str
+    since: int  # when the wait began, epoch ms
+    until: int  # its timeout, epoch ms
+    spec: WaitSpec
+    trigger: Event | None = None  # the run's triggering event, when ``spec.if_`` needs it
+    keys: list[str] = msgspec.field(default_factory=list)  # every key of this wait (wait_for_any)
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Waiter)
+
+
+def encode_waiter(waiter: Waiter) -> bytes:
+    return _encoder.encode(waiter)
+
+
+def decode_waiter(raw: bytes) -> Waiter:
+    return _decoder.decode(raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def _condition(source: str) -> Expression:
+    return compile_expression(source, variables=("event", "async"), what="if_")
+
+
+@functools.lru_cache(maxsize=1024)
+def _path(source: str) -> tuple[str, ...]:
+    return compile_match(source, what="match")
+
+
+def _token(text: str, size: int) -> str:
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:size]
+
+
+def name_token(event_name: str) -> str:
+    return _token(event_name, 20)
+
+
+def field_token(path: str) -> str:
+    return _token(path, 12)
+
+
+def waiter_keys(names: Names, run_id: str, step: str, specs: list[WaitSpec]) -> list[str | None]:
+    """The waits-bucket key of each spec (None: a match the trigger has no value for never fires)."""
+    keys: list[str | None] = []
+    for i, spec in enumerate(specs):
+        ntok = name_token(spec.event)
+        if spec.match is None:
+            keys.append(names.wait_scan_key(ntok, run_id, step, i))
+        elif spec.match_token is None:
+            keys.append(None)
+        else:
+            keys.append(
+                names.wait_match_key(ntok, field_token(spec.match), spec.match_token, run_id, step, i)
+            )
+    return keys
+
+
+def in_window(spec: WaitSpec, seq: int, stored_ms: int) -> bool:
+    """Whether an event at stream ``seq``, stored at ``stored_ms``, is in the wait's window."""
+    if spec.floor_seq > 0:
+        return seq > spec.floor_seq
+    return stored_ms >= spec.floor_time
+
+
+def accepts(spec: WaitSpec, trigger: Event | None, event: Event) -> bool:
+    """Whether ``event`` satisfies the spec's name, match and condition (not its window)."""
+    if event.name != spec.event:
+        return False
+    candidate: dict[str, Any] | None = None
+    if spec.match is not None:
+        if spec.match_token is None:
+            return False
+        candidate = msgspec.to_builtins(event)
+        found, value = lookup(candidate, _path(spec.match))
+        if not found or match_key(value) != spec.match_token:
+            return False
+    if spec.if_ is not None:
+        expr = _condition(spec.if_)
+        bindings = {
+            "event": msgspec.to_builtins(trigger) if trigger is not None else {},
+            "async": candidate if candidate is not None else msgspec.to_builtins(event),
+        }
+        return expr.test(bindings)
+    return True
