@@ -601,21 +601,23 @@ class Worker:
             # Both at once: a crash between them leaves the message unacked, and its redelivery
             # finds the terminal record and emits again (deduplicated by the event id).
             await asyncio.gather(self._emit_finished(fn, final), self._write_final(holder, final))
-            await self._forget_waits(before, final)
+            await self._forget_waits(before, final, memos)
             _log_outcome(final)
             return
         await self._write_final(holder, final)
-        await self._forget_waits(before, final)
+        await self._forget_waits(before, final, memos)
         armed = [item for item in rearm if self._arm_local_timer(fn, base.id, item.key, item.until)]
         if armed and holder.record is final:
             self._timers.keep_warm(final, holder.rev, memos)
         _log_outcome(final)
 
-    async def _forget_waits(self, before: RunRecord, after: RunRecord) -> None:
-        """Drop the entries of waits that ended in this pass (the router drops those it resolves)."""
+    async def _forget_waits(self, before: RunRecord, after: RunRecord, memos: dict[str, StepMemo]) -> None:
+        """Drop the entries of waits that timed out in this pass (the router drops those it resolves)."""
         still = {p.key for p in after.pending}
         for item in before.pending:
-            if item.kind is PendingKind.WAIT and item.key not in still:
+            memo = memos.get(item.key)
+            timed_out = memo is not None and memo.seq == 0
+            if item.kind is PendingKind.WAIT and item.key not in still and timed_out:
                 with contextlib.suppress(NatsError):
                     await self.router.forget(before.id, item)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import nats
 import pytest
 
 import meshflow
 from meshflow.server import EmbeddedServer
+from meshflow.testing import wait_until
 
 
 def approval_app() -> tuple[meshflow.App, meshflow.Function]:
@@ -228,3 +230,40 @@ async def test_a_bad_wait_fails_the_run_with_a_clear_error(
     assert run.error is not None
     assert run.error.type == "ConfigError"
     assert "step 'w' if_" in run.error.message
+
+
+async def test_ten_thousand_waiting_runs_each_resume_once_by_their_own_event(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    """10,000 runs wait on one event name, matched by id; 10,000 matching events (and 2,000 that
+    match nobody) resume each run once, with its own event."""
+    n = 10_000
+    app = meshflow.App("many")
+
+    @app.function("pay", trigger="invoice/sent")
+    async def pay(ctx: meshflow.Context) -> Any:
+        paid = await ctx.step.wait_for_event("paid", event="invoice/paid", match="data.id", timeout="10m")
+        return paid.data if paid else None
+
+    starts = [meshflow.Event(name="invoice/sent", data={"id": i}) for i in range(n)]
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace, concurrency=128):
+        await client.send(starts)
+        waits = f"KV_{client.names.waits_bucket}"
+        nc = await nats.connect(nats_server.url)
+        try:
+
+            async def all_waiting() -> bool:
+                info = await nc.jetstream().stream_info(waits)
+                return bool(info.state.messages >= n + 1)  # history 1: a message per key, + the marker
+
+            await wait_until(all_waiting, timeout=90, interval=0.2)
+        finally:
+            await nc.close()
+        payments = [meshflow.Event(name="invoice/paid", data={"id": i, "by": f"p{i}"}) for i in range(n)]
+        for i in range(0, n, 5):  # payments for nobody's invoice among them
+            payments.insert(i, meshflow.Event(name="invoice/paid", data={"id": n + i, "by": "nobody"}))
+        await client.send(payments)
+        outputs = await asyncio.gather(
+            *(client.wait_for_run(pay.run_id_for(e), timeout=120, steps=False) for e in starts)
+        )
+    assert [r.output for r in outputs] == [{"id": i, "by": f"p{i}"} for i in range(n)]
