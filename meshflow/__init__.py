@@ -19,7 +19,11 @@ from .errors import SerializationError as SerializationError
 from .errors import StepError as StepError
 from .events import Event as Event
 from .functions import App as App
+from .functions import Cancel as Cancel
 from .functions import Function as Function
+from .functions import Timeouts as Timeouts
+from .functions import TriggerCron as TriggerCron
+from .functions import TriggerEvent as TriggerEvent
 from .retries import Retry as Retry
 from .runs import RunStatus as RunStatus
 from .steps import Context as Context
@@ -29,6 +33,7 @@ from .worker import Worker as Worker
 
 __all__ = [
     "App",
+    "Cancel",
     "Client",
     "ConfigError",
     "Context",
@@ -51,6 +56,9 @@ __all__ = [
     "Step",
     "StepError",
     "StepInfo",
+    "Timeouts",
+    "TriggerCron",
+    "TriggerEvent",
     "WaitFor",
     "Worker",
     "connect",

@@ -73,6 +73,9 @@ class ApiError(Exception):
         self.description = description
 
 
+_API_ERRORS: tuple[type[BaseException], ...] = (ApiError, *NATS_ERRORS)
+
+
 class _ErrorBody(msgspec.Struct):
     code: int = 0
     err_code: int = 0
@@ -386,16 +389,9 @@ class Bus:
         """Create or update the function's trigger and run consumers."""
         n = self.names
         subjects = _minimal_subjects([n.trigger_subject(t) for t in fn.triggers])
-        trigger = ConsumerConfig(
-            name=n.trigger_consumer(fn.app_id, fn.id),
-            durable_name=n.trigger_consumer(fn.app_id, fn.id),
-            deliver_policy=DeliverPolicy.NEW,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=ack_wait,
-            max_deliver=-1,
-            max_ack_pending=MAX_ACK_PENDING,
-            **({"filter_subject": subjects[0]} if len(subjects) == 1 else {"filter_subjects": subjects}),
-        )
+        configs = []
+        if subjects:  # a function with cron triggers only reads no events
+            configs.append((n.events_stream, self._trigger_consumer(fn, subjects, ack_wait)))
         runs = ConsumerConfig(
             name=n.run_consumer(fn.app_id, fn.id),
             durable_name=n.run_consumer(fn.app_id, fn.id),
@@ -406,11 +402,25 @@ class Bus:
             max_ack_pending=MAX_ACK_PENDING,
             filter_subject=n.run_subject(fn.app_id, fn.id),
         )
-        for stream, config in ((n.events_stream, trigger), (n.runs_stream, runs)):
+        configs.append((n.runs_stream, runs))
+        for stream, config in configs:
             try:
                 await self.js.add_consumer(stream, config)
             except NATS_ERRORS as exc:
                 raise NatsError(f"cannot create consumer {config.name} on {stream}: {exc!r}") from exc
+
+    def _trigger_consumer(self, fn: Function, subjects: list[str], ack_wait: float) -> ConsumerConfig:
+        n = self.names
+        return ConsumerConfig(
+            name=n.trigger_consumer(fn.app_id, fn.id),
+            durable_name=n.trigger_consumer(fn.app_id, fn.id),
+            deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_deliver=-1,
+            max_ack_pending=MAX_ACK_PENDING,
+            **({"filter_subject": subjects[0]} if len(subjects) == 1 else {"filter_subjects": subjects}),
+        )
 
     async def ensure_router(self, *, ack_wait: float = ACK_WAIT) -> None:
         """Create the router's consumer: every event, shared by all workers (see ``router``)."""
@@ -505,6 +515,26 @@ class Bus:
     ) -> None:
         """Have a worker of function ``{app_id}-{fn_id}`` advance a run (deduplicated by ``msg_id``)."""
         await self.publish(*self.run_message(app_id, fn_id, msg, msg_id=msg_id))
+
+    async def cancel_timer(self, run_id: str, key: str) -> None:
+        """Drop a pending timer (purging its schedule's subject); a timer that fired is gone anyway."""
+        request = msgspec.json.encode({"filter": self.names.timer_subject(run_id, key)})
+        try:
+            await self.requests.request(f"$JS.API.STREAM.PURGE.{self.names.runs_stream}", request, None, 10)
+        except _API_ERRORS as exc:
+            raise NatsError(f"cannot cancel timer {key} of run {run_id}: {exc!r}") from exc
+
+    async def schedule_cron(self, fn: Function, cron_key: str, tick_ms: int) -> None:
+        """Arm a function's next cron tick (replacing the pending one of the same cron)."""
+        msg = RunMessage(run_id="", reason="cron", key=f"{cron_key}:{tick_ms}")
+        headers = {
+            HDR_SCHEDULE: f"@at {rfc3339(from_ms(tick_ms))}",
+            HDR_SCHEDULE_TARGET: self.names.run_subject(fn.app_id, fn.id),
+            HDR_SCHEDULE_TTL: str(int(RUN_MESSAGE_TTL.total_seconds())),
+        }
+        await self.publish(
+            self.names.cron_subject(fn.app_id, fn.id, cron_key), _run_msg_encoder.encode(msg), headers
+        )
 
     async def schedule(self, fn: Function, run_id: str, key: str, until_ms: int) -> None:
         """Have the server publish 'advance run' for ``run_id`` at ``until_ms`` (never earlier).

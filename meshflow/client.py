@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import Generator, Sequence
 from typing import Any
 
 import msgspec
 
-from .bus import NATS_ERRORS, Bus, open_nats
+from .bus import NATS_ERRORS, Bus, RunMessage, open_nats
 from .codec import decode_value
+from .control import request_cancel
+from .durations import epoch_ms, now_ms
 from .errors import EventError, RunNotFoundError, RunTimeoutError
 from .events import Event, encode_event
-from .ids import is_ulid, run_id_for, ulid_time_ms
+from .ids import is_ulid, new_ulid, run_id_for, ulid_time_ms
 from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names
 from .runs import NEVER, ErrorInfo, Pending, PendingKind, RunRecord, RunStatus, StepMemo
 from .store import Store
@@ -59,6 +62,7 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     pending: list[Pending]
     steps: list[StepInfo]
     parent_id: str | None = None  # an invoked run: the run whose step invoked it
+    replay_of: str | None = None  # a replayed run: the run it replays
 
     @property
     def finished(self) -> bool:
@@ -164,6 +168,7 @@ class Client:
             pending=record.pending,
             steps=_steps(memos, record.pending),
             parent_id=record.parent.run_id if record.parent else None,
+            replay_of=record.replay_of,
         )
 
     async def wait_for_run(
@@ -204,6 +209,61 @@ class Client:
                 f"run {run_id} did not finish within {timeout}s (status: {status})"
             ) from None
         return await self._view(record, steps=steps)
+
+    async def cancel(self, run_id: str, *, reason: str = "cancelled by the API") -> bool:
+        """Cancel a run: it stops before its next step (a running step finishes and is kept), its
+        timers and waits are dropped, it ends ``cancelled`` and ``meshflow/function.cancelled`` is
+        emitted. Returns False if the run had already ended.
+
+        Raises:
+            RunNotFoundError: no such run.
+        """
+        return await request_cancel(self._store, self._bus, run_id, reason)
+
+    async def cancel_runs(
+        self, function_id: str, *, since: dt.datetime | None = None, until: dt.datetime | None = None
+    ) -> list[str]:
+        """Cancel every unfinished run of a function (``"{app}-{fn}"``) created in [since, until).
+
+        Reads every run record of the namespace: an admin operation, not a hot path.
+        Returns the ids of the runs asked to stop.
+        """
+        low = epoch_ms(since) if since is not None else 0
+        high = epoch_ms(until) if until is not None else 2**62
+        cancelled = []
+        async for record in self._store.iter_runs():
+            if record.function != function_id or record.status.terminal:
+                continue
+            if low <= record.created_at < high and await self.cancel(record.id, reason="cancelled in bulk"):
+                cancelled.append(record.id)
+        return cancelled
+
+    async def replay(self, run_id: str) -> str:
+        """Start a new run of the same function with the same event(s); returns its id.
+
+        The new run records which run it replays (``Run.replay_of``); it starts from scratch.
+        """
+        got = await self._store.get_run(run_id)
+        if got is None:
+            raise RunNotFoundError(f"run {run_id} does not exist")
+        original = got[0]
+        now = now_ms()
+        replay = RunRecord(
+            id=new_ulid(now),
+            app=original.app,
+            function=original.function,
+            fn=original.fn,
+            status=RunStatus.QUEUED,
+            events=original.events,
+            created_at=now,
+            updated_at=now,
+            seq=original.seq,
+            replay_of=original.id,
+        )
+        await self._store.create_run(replay)
+        start = RunMessage(run_id=replay.id, reason="start")
+        await self._bus.publish_run(replay.app, replay.fn, start, msg_id=f"{replay.id}:start")
+        return replay.id
 
     async def runs_for_event(self, event_id: str) -> list[Run]:
         """The runs one event started, one per function it triggered (as far as they exist yet)."""

@@ -11,7 +11,9 @@ day-of-week (0-6 or SUN-SAT; 0 is Sunday). A field is `*` or a comma-separated l
 (`5`, `MON`), ranges (`1-5`, `MON-FRI`) and steps (`*/15`, `10-50/20`, `5/15` meaning 5-59/15);
 `?` is `*` in the day fields; names ignore case. When both day fields are restricted a day that
 matches either fires (standard cron); when one is `*`, only the other counts. Macros: `@hourly`,
-`@daily` = `@midnight`, `@weekly` (Sunday 00:00), `@monthly`, `@yearly` = `@annually`.
+`@daily` = `@midnight`, `@weekly` (Sunday 00:00), `@monthly`, `@yearly` = `@annually`. Beyond
+cron, `@every 30s` fires every 30 seconds (whole seconds, at least one; the ticks are multiples of
+the interval since the epoch, in UTC).
 
 Invariant: every cron that parses means the same thing to croniter, which computes ticks here,
 and to JetStream's scheduler, which can fire them (`Cron.nats_schedule`). The spellings the two
@@ -50,7 +52,7 @@ from collections.abc import Iterator, Mapping
 # Untyped (no stub package installed); pyproject's mypy overrides ignore croniter's missing types.
 from croniter import croniter
 
-from meshflow.durations import epoch_ms, from_ms
+from meshflow.durations import epoch_ms, from_ms, parse_duration, to_ms
 from meshflow.errors import ConfigError
 
 __all__ = ["Cron", "is_cron", "parse_cron"]
@@ -105,6 +107,7 @@ class Cron:
     source: str
     expr: str
     tz: str = "UTC"
+    every_ms: int = 0  # for "@every 30s": the interval; ticks are its multiples since the epoch
 
     def next_after(self, after_ms: int) -> int:
         """The first tick strictly after a point in time, by the DST rules in the module docstring.
@@ -115,6 +118,8 @@ class Cron:
         Returns:
             The tick, in epoch milliseconds.
         """
+        if self.every_ms:
+            return (after_ms // self.every_ms + 1) * self.every_ms
         wall = from_ms(after_ms).astimezone(self._zone()).replace(tzinfo=None)
         minute = wall.replace(second=0, microsecond=0)
         first, second = self._passes(wall)
@@ -166,6 +171,8 @@ class Cron:
             The `Nats-Schedule` value, like `"0 0 9 * * MON"` or `"@daily"`, and the
             `Nats-Schedule-Time-Zone` value, like `"Europe/Paris"` or `"UTC"`.
         """
+        if self.every_ms:
+            return (self.expr, self.tz)
         macro = _NATS_MACROS.get(self.source.split()[-1].lower())
         return (macro or f"0 {self.expr}", self.tz)
 
@@ -333,6 +340,8 @@ def parse_cron(source: object, *, what: str) -> Cron:
     if words and words[0].startswith(("TZ=", "CRON_TZ=")):
         tz, text = words[0].partition("=")[2], words[1] if len(words) == 2 else ""
     reason = _zone_problem(tz)
+    if reason is None and text.startswith("@every"):
+        return _every(source, text, what)
     if reason is None and not text:
         reason = f"{'nothing follows the time zone' if words else 'it is empty'}; write a cron {_EXAMPLE}"
     if reason is None:
@@ -341,6 +350,20 @@ def parse_cron(source: object, *, what: str) -> Cron:
         except ValueError as exc:
             reason = str(exc)
     raise ConfigError(f"{what}: cron trigger {source!r} is invalid: {reason}")
+
+
+def _every(source: str, text: str, what: str) -> Cron:
+    """``@every <duration>``: a fixed interval of at least a second (JetStream's own minimum)."""
+    try:
+        interval = parse_duration(text.removeprefix("@every").strip(), what=f"{what}: @every")
+    except ConfigError as exc:
+        raise ConfigError(f"{what}: cron trigger {source!r} is invalid: {exc}") from None
+    ms = to_ms(interval)
+    if ms < 1000 or ms % 1000:
+        raise ConfigError(
+            f"{what}: cron trigger {source!r} is invalid: @every takes whole seconds, at least 1s"
+        )
+    return Cron(source=source, expr=f"@every {ms // 1000}s", every_ms=ms)
 
 
 def is_cron(source: str) -> bool:

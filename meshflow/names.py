@@ -56,6 +56,18 @@ class Names:
         """Where 'advance this run' messages for one function go (the schedule target too)."""
         return f"{self.ns}.run.{app_id}.{fn_id}"
 
+    def cancel_subject(self, run_id: str) -> str:
+        """Core NATS (not stored): tells the worker running ``run_id`` to stop between steps."""
+        return f"{self.ns}.cancel.{run_id}"
+
+    @property
+    def cancel_subjects(self) -> str:
+        return f"{self.ns}.cancel.*"
+
+    def cron_subject(self, app_id: str, fn_id: str, cron_key: str) -> str:
+        """The pending schedule of a function's next cron tick (one per cron trigger)."""
+        return f"{self.ns}.timer.cron.{app_id}.{fn_id}.{cron_key}"
+
     def timer_subject(self, run_id: str, key: str) -> str:
         """One pending timer (sleep, retry backoff) of a run; its own subject so it can be replaced."""
         return f"{self.ns}.timer.{run_id}.{key}"
@@ -106,6 +118,15 @@ class Names:
     def function_key(full_id: str) -> str:
         return f"fn.{full_id}"
 
+    @property
+    def flow_bucket(self) -> str:
+        """Flow-control state with per-key TTLs: idempotency claims (more to come)."""
+        return f"{self.ns}_flow"
+
+    @staticmethod
+    def idempotency_key(full_id: str, token: str) -> str:
+        return f"idem.{full_id}.{token}"
+
     @staticmethod
     def worker_key(worker_id: str) -> str:
         return f"worker.{worker_id}"
@@ -143,6 +164,8 @@ class Names:
 EVENT_FUNCTION_FINISHED = "meshflow/function.finished"
 EVENT_FUNCTION_FAILED = "meshflow/function.failed"
 EVENT_FUNCTION_INVOKED = "meshflow/function.invoked"
+EVENT_FUNCTION_CANCELLED = "meshflow/function.cancelled"
+EVENT_CRON = "meshflow/cron"
 
 # Message headers meshflow reads or writes.
 HDR_MSG_ID = "Nats-Msg-Id"

@@ -113,6 +113,7 @@ class Activation:
     logger: Any = None
     seq: int = 0  # the triggering event's events-stream sequence (0: not from the stream)
     created_at: int = 0  # when the run was created, epoch ms
+    cancelled: Callable[[], bool] = lambda: False  # asked before each new step
 
 
 class Completed(msgspec.Struct, frozen=True, tag=True):
@@ -129,7 +130,15 @@ class Suspended(msgspec.Struct, frozen=True, tag=True):
     attempt: int  # function-level failures so far (raised by a RUN_RETRY)
 
 
-Outcome = Completed | Failed | Suspended
+class Cancelled(msgspec.Struct, frozen=True, tag=True):
+    """The run was asked to stop; it stopped before starting another step."""
+
+
+Outcome = Completed | Failed | Suspended | Cancelled
+
+
+class _Stop(BaseException):
+    """Raised at a new step's call site when the run is cancelled (not catchable as Exception)."""
 
 
 def safe_str(exc: BaseException) -> str:
@@ -205,6 +214,7 @@ class _Pass:
         self.version = 0
         self.changed = asyncio.Event()
         self.replaying = bool(act.memos)
+        self.stopped = False
         self.never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def bump(self) -> None:
@@ -235,6 +245,10 @@ class _Pass:
             )
         if memo is None:
             self.replaying = False
+            if self.act.cancelled():
+                self.stopped = True
+                self.bump()
+                raise _Stop
         return key, memo
 
     # --- step.run ----------------------------------------------------------------------------
@@ -423,13 +437,14 @@ class _Pass:
         assert isinstance(name, str)
         match_token: str | None = None
         if match is not None:
-            path = compile_match(match, what=f"{what} match")
+            path = compile_match(match, what=what)
             found, value = lookup(msgspec.to_builtins(self.act.events[0]), path)
             match_token = match_key(value) if found else None
         if condition is not None:
             compile_expression(condition, variables=("event", "async"), what=f"{what} if_")
         if since not in ("trigger", "wait"):
             raise ConfigError(f"{what}: since must be 'trigger' (the default) or 'wait', got {since!r}")
+        back = None if lookback is None else to_ms(parse_duration(lookback, what=f"{what} lookback"))  # type: ignore[arg-type]
         floor_seq, floor_time = 0, 0
         if since == "wait":
             floor_time = now
@@ -438,8 +453,7 @@ class _Pass:
                 floor_seq = self.act.seq
             else:
                 floor_time = self.act.created_at or now
-            if lookback is not None:
-                back = to_ms(parse_duration(lookback, what=f"{what} lookback"))  # type: ignore[arg-type]
+            if back is not None:
                 floor_time = max(0, floor_time - back)
             # never the same event twice: after the last one this run took under this name
             taken = [
@@ -456,6 +470,7 @@ class _Pass:
             if_=condition if isinstance(condition, str) else None,
             floor_seq=floor_seq,
             floor_time=floor_time,
+            not_seq=self.act.seq if floor_seq == 0 else 0,  # a time window must not take the trigger
         )
 
     # --- step.invoke ---------------------------------------------------------------------------
@@ -565,6 +580,8 @@ class _Pass:
         if task.cancelled():
             return Failed(error=ErrorInfo(type="CancelledError", message="the function cancelled itself"))
         exc = task.exception()
+        if isinstance(exc, _Stop) or self.stopped:
+            return Cancelled()
         if isinstance(exc, _Exit):
             exc = exc.exc
         if exc is None:
@@ -654,6 +671,8 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
     try:
         while not task.done():
             engine.changed.clear()
+            if engine.stopped and engine.running == 0:
+                return Cancelled()  # steps in flight on other branches have committed
             if engine.running == 0 and engine.parked:
                 seen = engine.version
                 for _ in range(_SETTLE_TICKS):

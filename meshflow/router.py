@@ -20,11 +20,14 @@ import msgspec
 import structlog
 
 from .bus import Bus, RunMessage
+from .control import request_cancel
 from .durations import now_ms
+from .errors import RunNotFoundError
 from .events import Event, decode_event
 from .expressions import lookup, match_key
+from .functions import Function
 from .names import Names
-from .runs import Pending, RunRecord, StepKind, StepMemo, StepStatus, WaitSpec
+from .runs import NEVER, Pending, PendingKind, RunRecord, StepKind, StepMemo, StepStatus, WaitSpec
 from .store import Store
 from .waits import (
     Waiter,
@@ -64,15 +67,60 @@ class Router:
         memo, _ = await self._scan(record, item, trigger, positions)
         return memo
 
+    # --- cancel_on: waiters that cancel the run ----------------------------------------------
+    def _cancel_items(self, fn: Function, record: RunRecord) -> list[Pending]:
+        trigger = msgspec.to_builtins(record.events[0]) if record.events else {}
+        items = []
+        for i, spec in enumerate(fn.cancel_on):
+            token = None
+            if spec.match is not None:
+                found, value = lookup(trigger, tuple(spec.match.split(".")))
+                token = match_key(value) if found else None
+            wait = WaitSpec(
+                event=spec.event,
+                match=spec.match,
+                match_token=token,
+                if_=spec.if_,
+                floor_seq=record.seq,
+                floor_time=0 if record.seq else record.created_at,
+            )
+            until = record.created_at + spec.timeout_ms if spec.timeout_ms is not None else NEVER
+            items.append(
+                Pending(
+                    kind=PendingKind.WAIT,
+                    key=f"cancel{i}",
+                    until=until,
+                    since=record.created_at,
+                    waits=[wait],
+                )
+            )
+        return items
+
+    async def open_cancels(self, fn: Function, record: RunRecord) -> str | None:
+        """Register a new run's ``cancel_on`` waiters; the reason if an event already cancels it."""
+        trigger = record.events[0] if record.events else None
+        for item in self._cancel_items(fn, record):
+            await self._register(record, item, trigger, kind="cancel")
+            found, _ = await self._first_match(item.waits[0], trigger, item.waits[0].floor_seq)
+            if found is not None:
+                return f"cancelled by a {item.waits[0].event} event (cancel_on)"
+        return None
+
+    async def forget_cancels(self, fn: Function, record: RunRecord) -> None:
+        for item in self._cancel_items(fn, record):
+            await self.forget(record.id, item)
+
     async def forget(self, run_id: str, item: Pending) -> None:
         """Drop a wait's entries (resolved or timed out); best effort, they expire anyway."""
         keys = [k for k in waiter_keys(self.names, run_id, item.key, item.waits) if k]
         await self.store.drop_waits(keys)
 
-    async def _register(self, record: RunRecord, item: Pending, trigger: Event | None) -> None:
+    async def _register(
+        self, record: RunRecord, item: Pending, trigger: Event | None, *, kind: str = "wait"
+    ) -> None:
         keys = waiter_keys(self.names, record.id, item.key, item.waits)
         live = [k for k in keys if k]
-        ttl = max(1, (item.until - now_ms()) // 1000 + _WAITER_GRACE_S)
+        ttl = max(1, (item.until - now_ms()) // 1000 + _WAITER_GRACE_S) if item.until < NEVER else None
         writes: list[tuple[str, bytes, int | None]] = []
         for spec, key in zip(item.waits, keys, strict=True):
             if key is None:
@@ -88,6 +136,7 @@ class Router:
                 spec=spec,
                 trigger=trigger if spec.if_ else None,
                 keys=live,
+                kind=kind,
             )
             writes.append((key, encode_waiter(waiter), ttl))
             if spec.match is not None:  # tells the router to look up this field for this name
@@ -125,6 +174,8 @@ class Router:
                 page = await self.store.read_events(subject, since_ms=spec.floor_time, limit=_SCAN_BATCH)
             for seq, raw in page:
                 after = seq
+                if seq == spec.not_seq:
+                    continue
                 try:
                     event = decode_event(raw)
                 except msgspec.DecodeError:
@@ -183,6 +234,14 @@ class Router:
         return resumed
 
     async def _resolve(self, waiter: Waiter, raw: bytes, seq: int) -> int:
+        if waiter.kind == "cancel":
+            reason = f"cancelled by a {waiter.spec.event} event (cancel_on)"
+            try:
+                cancelled = await request_cancel(self.store, self.bus, waiter.run_id, reason)
+            except RunNotFoundError:
+                cancelled = False
+            await self.store.drop_waits(waiter.keys)
+            return int(cancelled)
         stored = await self._commit(waiter.run_id, waiter.key, waiter.step_id, waiter.since, raw, seq)
         won = stored.seq == seq
         if won:  # also after a redelivery of this event: the message id dedupes

@@ -17,7 +17,7 @@ import msgspec
 
 from .codec import decode_value
 from .events import Event
-from .names import EVENT_FUNCTION_FAILED, EVENT_FUNCTION_FINISHED
+from .names import EVENT_FUNCTION_CANCELLED, EVENT_FUNCTION_FAILED, EVENT_FUNCTION_FINISHED
 
 #: The stored form of "no value" (msgspec cannot decode ``Raw | None``, so no-value is JSON null).
 NULL = msgspec.Raw(b"null")
@@ -100,6 +100,7 @@ class WaitSpec(msgspec.Struct, frozen=True, kw_only=True):
     if_: str | None = None  # a CEL condition over `event` (the trigger) and `async` (the candidate)
     floor_seq: int = 0
     floor_time: int = 0
+    not_seq: int = 0  # never this event (the run's trigger, for a window by time)
 
 
 class InvokeSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -143,6 +144,13 @@ class Pending(msgspec.Struct, frozen=True, kw_only=True):
     invoke: InvokeSpec | None = None  # INVOKE: the child run
 
 
+class CancelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A request to cancel a run: by whom or what, and when. The run stops between steps."""
+
+    reason: str
+    at: int
+
+
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
     """A worker executing a run holds it until ``until`` (epoch ms) unless it renews the lease."""
 
@@ -174,6 +182,8 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     failure_of: str | None = None  # for on_failure runs: the run that failed
     seq: int = 0  # the triggering event's sequence in the events stream (0: not from the stream)
     parent: ParentRef | None = None  # for invoked runs: who waits for this run's end
+    cancel: CancelInfo | None = None  # set when cancellation was asked for
+    not_before: int = 0  # a queued run starts no earlier than this (an event with a future ts)
 
 
 class StepMemo(msgspec.Struct, frozen=True, kw_only=True):
@@ -226,4 +236,7 @@ def finished_events(run: RunRecord, *, handles_failures: bool) -> list[Event]:
     if run.status is RunStatus.FAILED and not handles_failures:
         failed = {**data, "event": msgspec.to_builtins(run.events[0])}
         events.append(Event(name=EVENT_FUNCTION_FAILED, id=f"{run.id}:failed", data=failed))
+    if run.status is RunStatus.CANCELLED:
+        cancelled = {**data, "event": msgspec.to_builtins(run.events[0])}
+        events.append(Event(name=EVENT_FUNCTION_CANCELLED, id=f"{run.id}:cancelled", data=cancelled))
     return events

@@ -83,6 +83,7 @@ class Store:
         self._steps: Any = None
         self._registry: Any = None
         self._waits: Any = None
+        self._flow: Any = None
 
     async def open(self, *, create: bool = True, replicas: int = 1) -> Store:
         """Bind the buckets, creating any that are missing when ``create`` is set."""
@@ -91,6 +92,7 @@ class Store:
         self._steps = await self._bucket(n.steps_bucket, create, replicas)
         self._registry = await self._bucket(n.registry_bucket, create, replicas)
         self._waits = await self._bucket(n.waits_bucket, create, replicas)
+        self._flow = await self._bucket(n.flow_bucket, create, replicas)
         return self
 
     async def _bucket(self, name: str, create: bool, replicas: int) -> Any:
@@ -122,12 +124,15 @@ class Store:
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot read {what}: {exc!r}") from exc
 
-    async def _write(self, bucket: str, key: str, value: bytes, last: int, what: str) -> int:
+    async def _write(
+        self, bucket: str, key: str, value: bytes, last: int, what: str, ttl_s: int | None = None
+    ) -> int:
         """Write ``key`` if its last revision is ``last`` (0: it must not exist); `_WrongRevision` if not."""
+        headers = {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(last)}
+        if ttl_s is not None:
+            headers[HDR_TTL] = f"{ttl_s}s"
         try:
-            ack = await self.requests.publish(
-                kv_subject(bucket, key), value, {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(last)}, _TIMEOUT
-            )
+            ack = await self.requests.publish(kv_subject(bucket, key), value, headers, _TIMEOUT)
         except ApiError as exc:
             if exc.err_code in _WRONG_LAST_SEQUENCE:
                 raise _WrongRevision from None
@@ -149,6 +154,28 @@ class Store:
             return await self._write(bucket, key, value, current[1], what)
         except _WrongRevision:
             return None
+
+    # --- flow control -------------------------------------------------------------------------
+    async def claim(self, key: str, value: str, ttl_s: int) -> str:
+        """Claim ``key`` in the flow bucket for ``ttl_s`` seconds; the value of whoever holds it."""
+        what = f"claim {key}"
+        bucket = self.names.flow_bucket
+        for _ in range(3):
+            try:
+                await self._write(bucket, key, value.encode(), 0, what, ttl_s)
+                return value
+            except _WrongRevision:
+                pass
+            got = await self._get(bucket, key, what)
+            if got is not None and not got[2]:
+                return got[0].decode()
+            if got is not None:  # a deleted or purged claim: take it over
+                try:
+                    await self._write(bucket, key, value.encode(), got[1], what, ttl_s)
+                    return value
+                except _WrongRevision:
+                    continue
+        raise NatsError(f"{what}: it kept changing")
 
     # --- runs ---------------------------------------------------------------------------------
     async def get_run(self, run_id: str) -> tuple[RunRecord, int] | None:
@@ -214,6 +241,32 @@ class Store:
         finally:
             with contextlib.suppress(*NATS_ERRORS):
                 await sub.unsubscribe()
+
+    async def iter_runs(self) -> AsyncGenerator[RunRecord, None]:
+        """Every run record of the namespace, a page of 1,024 stored messages at a time.
+
+        A run updated while the pages are read may come twice; callers dedupe by id if it matters.
+        """
+        stream = kv_stream(self.names.runs_bucket)
+        subject = kv_subject(self.names.runs_bucket, ">")
+        seq = 1
+        seen: set[str] = set()
+        while True:
+            try:
+                page = await self.requests.direct_batch(
+                    stream, {"seq": seq, "next_by_subj": subject, "batch": _BATCH}
+                )
+            except _READ_ERRORS as exc:
+                raise NatsError(f"cannot read runs: {exc!r}") from exc
+            for headers, data in page:
+                if data and headers.get(HDR_KV_OPERATION) not in ("DEL", "PURGE"):
+                    record = decode_run(data)
+                    if record.id not in seen:
+                        seen.add(record.id)
+                        yield record
+            if len(page) < _BATCH:
+                return
+            seq = int(page[-1][0].get("Nats-Sequence", "0")) + 1
 
     # --- step memos ---------------------------------------------------------------------------
     async def commit_memo(self, run_id: str, memo: StepMemo) -> StepMemo:

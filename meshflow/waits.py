@@ -44,6 +44,7 @@ class Waiter(msgspec.Struct, frozen=True, kw_only=True):
     spec: WaitSpec
     trigger: Event | None = None  # the run's triggering event, when ``spec.if_`` needs it
     keys: list[str] = msgspec.field(default_factory=list)  # every key of this wait (wait_for_any)
+    kind: str = "wait"  # or "cancel": a cancel_on, which cancels the run instead
 
 
 _encoder = msgspec.json.Encoder()
@@ -98,6 +99,8 @@ def waiter_keys(names: Names, run_id: str, step: str, specs: list[WaitSpec]) -> 
 
 def in_window(spec: WaitSpec, seq: int, stored_ms: int) -> bool:
     """Whether an event at stream ``seq``, stored at ``stored_ms``, is in the wait's window."""
+    if seq == spec.not_seq:
+        return False
     if spec.floor_seq > 0:
         return seq > spec.floor_seq
     return stored_ms >= spec.floor_time

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import hashlib
 import os
 import signal
 import socket
@@ -33,12 +35,15 @@ import structlog
 
 from . import replay
 from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, decode_run_message, open_nats
-from .durations import epoch_ms, now_ms
+from .control import request_cancel
+from .cron import Cron
+from .durations import epoch_ms, format_duration, from_ms, now_ms, rfc3339
 from .errors import MeshflowError, NatsError
 from .events import Event, decode_event, encode_event
+from .expressions import ExpressionError, match_key
 from .functions import App, Function
-from .ids import new_ulid
-from .names import EVENT_FUNCTION_INVOKED, HDR_MSG_ID, Names
+from .ids import new_ulid, run_id_for
+from .names import EVENT_CRON, EVENT_FUNCTION_INVOKED, HDR_MSG_ID, Names
 from .router import Router
 from .runs import (
     NEVER,
@@ -60,6 +65,8 @@ from .timers import LocalTimers, WarmRun
 
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
+_IDEMPOTENCY_TTL_S = 24 * 3600
+_TIMEOUT_KEYS = frozenset({"timeout", "start-timeout"})
 
 log = structlog.get_logger("meshflow.worker")
 
@@ -133,6 +140,8 @@ class Worker:
         # Runs this worker is advancing now. The lease keeps other workers out; this keeps out a
         # second message for the same run here (a timer's twin, two parallel sleeps waking).
         self._active: set[str] = set()
+        # Runs of ours asked to stop (core message): the engine checks before each new step.
+        self._cancel_signals: set[str] = set()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self.nc: Any = None
@@ -165,16 +174,20 @@ class Worker:
             )
         n = self.names
         for fn in self.functions.values():
-            triggers = await self.bus.pull(n.events_stream, n.trigger_consumer(fn.app_id, fn.id))
+            if fn.triggers:  # a function with cron triggers only has no events consumer
+                triggers = await self.bus.pull(n.events_stream, n.trigger_consumer(fn.app_id, fn.id))
+                on_event = self._handler(fn, self._on_event)
+                self._loops.append(asyncio.create_task(self._pull_loop(triggers, fn.full_id, on_event)))
             runs = await self.bus.pull(n.runs_stream, n.run_consumer(fn.app_id, fn.id))
-            self._loops.append(
-                asyncio.create_task(self._pull_loop(triggers, fn.full_id, self._handler(fn, self._on_event)))
-            )
             self._loops.append(
                 asyncio.create_task(self._pull_loop(runs, fn.full_id, self._handler(fn, self._on_run)))
             )
         routed = await self.bus.pull(n.events_stream, n.router_consumer)
         self._loops.append(asyncio.create_task(self._pull_loop(routed, "router", self._on_routed)))
+        await self.nc.subscribe(n.cancel_subjects, cb=self._on_cancel_signal)
+        for fn in self.functions.values():
+            for cron in fn.crons:
+                await self.bus.schedule_cron(fn, cron_key(cron), cron.next_after(now_ms()))
         log.info("worker started", worker=self.id, functions=sorted(self.functions), namespace=n.ns)
 
     async def stop(self, grace: float = 30.0) -> None:
@@ -290,26 +303,93 @@ class Worker:
             await msg.ack()
             return
         run_id = fn.run_id_for(event)
+        if fn.idempotency is not None and not await self._claim_key(fn, event, run_id):
+            await msg.ack()
+            return
+        await self._start_run(fn, msg, event, run_id, seq=msg.metadata.sequence.stream if msg.metadata else 0)
+
+    async def _claim_key(self, fn: Function, event: Event, run_id: str) -> bool:
+        """Idempotency: whether this run may start, its key (if any) unclaimed in the last 24 h."""
+        assert fn.idempotency is not None
+        try:
+            value = fn.idempotency.evaluate({"event": msgspec.to_builtins(event)})
+        except ExpressionError as exc:
+            log.warning("idempotency key not computed; the run starts", function=fn.full_id, error=str(exc))
+            return True
+        if value is None or value == "":
+            return True
+        key = self.names.idempotency_key(fn.full_id, match_key(value))
+        holder = await self.store.claim(key, run_id, _IDEMPOTENCY_TTL_S)
+        if holder != run_id:
+            log.info(
+                "event skipped: idempotency key in use", function=fn.full_id, event_id=event.id, run_id=holder
+            )
+        return holder == run_id
+
+    async def _start_run(self, fn: Function, msg: Any, event: Event, run_id: str, *, seq: int) -> None:
+        """Create a run and advance it here at once, or queue it when its event's ts is ahead."""
         now = now_ms()
+        queued = event.ts > now
         record = RunRecord(
             id=run_id,
             app=fn.app_id,
             function=fn.full_id,
             fn=fn.id,
-            status=RunStatus.RUNNING,
+            status=RunStatus.QUEUED if queued else RunStatus.RUNNING,
             events=[event],
             created_at=now,
             updated_at=now,
-            started_at=now,
-            lease=Lease(worker=self.id, until=now + self.lease_ms),
+            started_at=None if queued else now,
+            lease=None if queued else Lease(worker=self.id, until=now + self.lease_ms),
             failure_of=event.data.get("run_id") if fn.failure_of else None,
-            seq=msg.metadata.sequence.stream if msg.metadata else 0,
+            seq=seq,
+            not_before=event.ts if queued else 0,
         )
         rev = await self.store.create_run(record)
-        if rev is not None:
-            await self._advance(fn, msg, _Holder(record, rev), memos={}, rmsg=None)
-        else:  # claimed before: a resent or redelivered event
+        if rev is None:  # claimed before: a resent or redelivered event
             await self._resume(fn, msg, await self.store.get_run(run_id), rmsg=None)
+            return
+        cancelled = await self._arm_new_run(fn, record)
+        if queued or cancelled:
+            await msg.ack()
+            return
+        await self._advance(fn, msg, _Holder(record, rev), memos={}, rmsg=None)
+
+    async def _arm_new_run(self, fn: Function, record: RunRecord) -> bool:
+        """A new run's timers (delayed start, timeouts) and cancel_on waiters; True if cancelled."""
+        if record.status is RunStatus.QUEUED:
+            await self.bus.schedule(fn, record.id, "start", record.not_before)
+            if fn.start_timeout_ms is not None:
+                await self.bus.schedule(
+                    fn, record.id, "start-timeout", record.created_at + fn.start_timeout_ms
+                )
+        if fn.finish_timeout_ms is not None:
+            await self.bus.schedule(fn, record.id, "timeout", record.created_at + fn.finish_timeout_ms)
+        if fn.cancel_on:
+            reason = await self.router.open_cancels(fn, record)
+            if reason is not None:
+                await request_cancel(self.store, self.bus, record.id, reason)
+                return True
+        return False
+
+    async def _on_cron(self, fn: Function, msg: Any, rmsg: RunMessage) -> None:
+        """A cron tick fired: arm the next one, then start the tick's run (one per tick: its id
+        derives from the tick, so a second message or a second worker finds it claimed)."""
+        ckey, _, tick_text = rmsg.key.partition(":")
+        cron = next((c for c in fn.crons if cron_key(c) == ckey), None)
+        if cron is None or not tick_text.isdigit():  # a cron the function no longer has
+            await msg.ack()
+            return
+        tick = int(tick_text)
+        await self.bus.schedule_cron(fn, ckey, cron.next_after(max(tick, now_ms())))
+        data = {"cron": cron.source, "tick": rfc3339(from_ms(tick))}
+        event = Event(name=EVENT_CRON, id=f"cron:{fn.full_id}:{ckey}:{tick}", data=data, ts=tick)
+        await self._start_run(fn, msg, event, run_id_for(fn.full_id, event.id, tick), seq=0)
+
+    async def _on_cancel_signal(self, msg: Any) -> None:
+        run_id = msg.subject.rpartition(".")[2]
+        if run_id in self._active:
+            self._cancel_signals.add(run_id)
 
     # --- the router: events resume waits --------------------------------------------------------
     async def _on_routed(self, msg: Any) -> None:
@@ -324,6 +404,9 @@ class Worker:
         except msgspec.DecodeError as exc:
             log.error("undecodable run message dropped", function=fn.full_id, error=str(exc))
             await msg.term()
+            return
+        if rmsg.reason == "cron":
+            await self._on_cron(fn, msg, rmsg)
             return
         await self._resume(fn, msg, await self.store.get_run(rmsg.run_id), rmsg=rmsg)
 
@@ -342,6 +425,13 @@ class Worker:
             if _redelivered(msg):  # we may have died between writing the record and emitting
                 await self._emit_finished(fn, record)
             await msg.ack()
+            return
+        if rmsg is not None and rmsg.key in _TIMEOUT_KEYS:
+            await self._on_timeout(record, rmsg.key)
+            await msg.ack()
+            return
+        if record.status is RunStatus.QUEUED and record.not_before > now_ms() and record.cancel is None:
+            await msg.ack()  # an event with a future ts: its "start" timer starts it
             return
         if record.status.suspended and (
             rmsg is None  # a resent event for a suspended run: its timers resume it
@@ -362,6 +452,16 @@ class Worker:
             await msg.nak(delay=0.05)
             return
         await self._advance(fn, msg, _Holder(leased, rev), memos=None, rmsg=rmsg, before=record)
+
+    async def _on_timeout(self, record: RunRecord, key: str) -> None:
+        fn = self.functions[record.function]
+        if key == "timeout" and fn.finish_timeout_ms is not None:
+            reason = f"timed out: not finished within {_ms_text(fn.finish_timeout_ms)}"
+        elif key == "start-timeout" and record.status is RunStatus.QUEUED and fn.start_timeout_ms is not None:
+            reason = f"timed out: not started within {_ms_text(fn.start_timeout_ms)}"
+        else:
+            return  # started in time (start timeout), or a timeout the function no longer has
+        await request_cancel(self.store, self.bus, record.id, reason)
 
     def _leased(self, record: RunRecord, now: int) -> RunRecord:
         """``record`` running under this worker's lease, to be written by compare-and-set."""
@@ -393,6 +493,7 @@ class Worker:
             await self._advance_leased(fn, msg, holder, memos=memos, rmsg=rmsg, before=before)
         finally:
             self._active.discard(record.id)
+            self._cancel_signals.discard(record.id)
 
     async def _advance_leased(
         self,
@@ -414,8 +515,9 @@ class Worker:
         opened = set() if redelivered else {p.key for p in before.pending}
         pending, failures, attempt = record.pending, record.step_failures, record.attempt
         beat = asyncio.create_task(self._heartbeat(msg, holder))
+        outcome: replay.Outcome = replay.Cancelled()
         try:
-            while True:
+            while record.cancel is None:
                 outcome = await replay.execute(
                     replay.Activation(
                         function=fn,
@@ -427,6 +529,7 @@ class Worker:
                         step_failures=failures,
                         seq=record.seq,
                         created_at=record.created_at,
+                        cancelled=lambda: record.id in self._cancel_signals,
                     ),
                     effects,
                 )
@@ -541,9 +644,18 @@ class Worker:
                 with contextlib.suppress(*NATS_ERRORS):
                     await msg.in_progress()
             renewed = self._leased(holder.record, now_ms())
-            with contextlib.suppress(RunConflict, NatsError):
+            try:
                 holder.rev = await self.store.update_run(renewed, holder.rev)
                 holder.record = renewed
+            except RunConflict:  # written by someone else: a cancel request, most likely
+                with contextlib.suppress(NatsError):
+                    got = await self.store.get_run(holder.record.id)
+                    if got is not None and got[0].lease is not None and got[0].lease.worker == self.id:
+                        holder.record, holder.rev = got
+                        if got[0].cancel is not None:
+                            self._cancel_signals.add(holder.record.id)
+            except NatsError:
+                pass
 
     async def _finish(
         self,
@@ -557,6 +669,8 @@ class Worker:
     ) -> None:
         now = now_ms()
         base = holder.record
+        if isinstance(outcome, replay.Suspended) and base.cancel is not None:
+            outcome = replay.Cancelled()  # asked to stop while this pass ran: stop before the next step
         if isinstance(outcome, replay.Suspended):
             known = {(p.key, p.until) for p in before.pending}
             rearm = [
@@ -586,8 +700,12 @@ class Worker:
         else:
             if isinstance(outcome, replay.Completed):
                 status, output, error = RunStatus.COMPLETED, outcome.output, None
-            else:
+            elif isinstance(outcome, replay.Failed):
                 status, output, error = RunStatus.FAILED, NULL, outcome.error
+            else:
+                reason = base.cancel.reason if base.cancel else "cancelled"
+                error = ErrorInfo(type="Cancelled", message=reason, retriable=False)
+                status, output = RunStatus.CANCELLED, NULL
             final = msgspec.structs.replace(
                 base,
                 status=status,
@@ -602,6 +720,7 @@ class Worker:
             # finds the terminal record and emits again (deduplicated by the event id).
             await asyncio.gather(self._emit_finished(fn, final), self._write_final(holder, final))
             await self._forget_waits(before, final, memos)
+            await self._clean_up(fn, before, final)
             _log_outcome(final)
             return
         await self._write_final(holder, final)
@@ -610,6 +729,21 @@ class Worker:
         if armed and holder.record is final:
             self._timers.keep_warm(final, holder.rev, memos)
         _log_outcome(final)
+
+    async def _clean_up(self, fn: Function, before: RunRecord, final: RunRecord) -> None:
+        """After a run ended: drop its cancel_on waiters and timeout timer; if it was cancelled,
+        its pending timers and waits too. Best effort: what is left finds a finished run."""
+        with contextlib.suppress(NatsError):
+            if fn.cancel_on:
+                await self.router.forget_cancels(fn, final)
+            if fn.finish_timeout_ms is not None:
+                await self.bus.cancel_timer(final.id, "timeout")
+            if final.status is RunStatus.CANCELLED:
+                for item in before.pending:
+                    if item.until < NEVER:
+                        await self.bus.cancel_timer(final.id, item.key)
+                    if item.kind is PendingKind.WAIT:
+                        await self.router.forget(final.id, item)
 
     async def _forget_waits(self, before: RunRecord, after: RunRecord, memos: dict[str, StepMemo]) -> None:
         """Drop the entries of waits that timed out in this pass (the router drops those it resolves)."""
@@ -664,6 +798,7 @@ class Worker:
                 )
             finally:
                 self._active.discard(record.id)
+                self._cancel_signals.discard(record.id)
             return True
         finally:
             self._inflight -= 1
@@ -690,7 +825,23 @@ class Worker:
                 current, holder.rev = got
                 if current.status.terminal or (current.lease is not None and current.lease.worker != self.id):
                     return  # finished, or taken over by another worker after our lease lapsed
+                if current.cancel is not None and final.cancel is None:
+                    final = msgspec.structs.replace(final, cancel=current.cancel)
+                    if not final.status.terminal:  # asked to stop as this pass ended: a pass to do it
+                        nudge = RunMessage(run_id=final.id, reason="cancel")
+                        await self.bus.publish_run(
+                            final.app, final.fn, nudge, msg_id=f"{final.id}:cancel:{holder.rev}"
+                        )
         raise NatsError(f"run {final.id}: could not write its record after 10 conflicting updates")
+
+
+def _ms_text(ms: int) -> str:
+    return format_duration(dt.timedelta(milliseconds=ms))
+
+
+def cron_key(cron: Cron) -> str:
+    """A short stable id of a cron trigger: names its schedule, and keys its ticks' runs."""
+    return hashlib.sha1(cron.source.encode(), usedforsecurity=False).hexdigest()[:12]
 
 
 def _redelivered(msg: Any | None) -> bool:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+import meshflow
 from meshflow.errors import ConfigError
 from meshflow.events import Event
 from meshflow.functions import App, trigger_matches
@@ -196,3 +197,66 @@ def test_run_id_for_accepts_event_ids_that_are_not_ulids() -> None:
 
     assert run_id == fn.run_id_for(Event(name="user/signup", id="order-42"))
     assert ulid_time_ms(run_id) == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"trigger": meshflow.TriggerEvent("order/created", if_="event.data.")}, "trigger if_ expression"),
+        ({"trigger": meshflow.TriggerEvent("order/created", if_="async.x > 1")}, "unknown variable"),
+        ({"trigger": meshflow.TriggerCron("61 * * * *")}, "minute 61 is out of range 0-59"),
+        ({"trigger": meshflow.TriggerCron("@reboot")}, "@reboot"),
+        ({"trigger": meshflow.TriggerCron("0 0 9 * * MON 2026")}, "it has 7 fields"),
+        ({"trigger": meshflow.TriggerCron("TZ=Mars/Olympus 0 9 * * *")}, "unknown time zone"),
+        (
+            {"trigger": "a/b", "cancel_on": [meshflow.Cancel(event="x/y", if_="event.data.")]},
+            "cancel_on[0] if_",
+        ),
+        ({"trigger": "a/b", "cancel_on": [meshflow.Cancel(event="x/y", match="id")]}, "cancel_on[0]"),
+        ({"trigger": "a/b", "cancel_on": [meshflow.Cancel(event="x/y", timeout="soon")]}, "soon"),
+        ({"trigger": "a/b", "timeouts": meshflow.Timeouts(finish="forever")}, "timeouts.finish"),
+        ({"trigger": "a/b", "idempotency": "event.data."}, "idempotency"),
+    ],
+    ids=[
+        "cel-syntax",
+        "cel-variable",
+        "cron-range",
+        "cron-reboot",
+        "cron-7-fields",
+        "cron-tz",
+        "cancel-if",
+        "cancel-match",
+        "cancel-timeout",
+        "timeout",
+        "idempotency",
+    ],
+)
+def test_bad_trigger_and_control_config_is_refused_at_registration_naming_the_function(
+    config: dict[str, object], message: str
+) -> None:
+    app = meshflow.App("shop")
+    with pytest.raises(meshflow.ConfigError) as info:
+        app.function("digest", **config)  # type: ignore[arg-type]
+    assert "function 'digest'" in str(info.value)
+    assert message in str(info.value)
+
+
+def test_a_function_may_mix_event_and_cron_triggers() -> None:
+    app = meshflow.App("shop")
+
+    @app.function(
+        "digest",
+        trigger=[
+            "digest/requested",
+            meshflow.TriggerCron("TZ=Europe/Paris 0 9 * * MON"),
+            meshflow.TriggerEvent("order/created", if_="event.data.total > 100"),
+        ],
+    )
+    async def digest(ctx: meshflow.Context) -> None:
+        return None
+
+    assert digest.triggers == ("digest/requested", "order/created")
+    assert [c.tz for c in digest.crons] == ["Europe/Paris"]
+    assert digest.matches(meshflow.Event(name="order/created", data={"total": 101}))
+    assert not digest.matches(meshflow.Event(name="order/created", data={"total": 99}))
+    assert digest.matches(meshflow.Event(name="digest/requested"))

@@ -6,6 +6,7 @@ import meshflow
 
 PUBLIC_API = [
     "App",
+    "Cancel",
     "Client",
     "ConfigError",
     "Context",
@@ -28,6 +29,9 @@ PUBLIC_API = [
     "Step",
     "StepError",
     "StepInfo",
+    "Timeouts",
+    "TriggerCron",
+    "TriggerEvent",
     "WaitFor",
     "Worker",
     "connect",
