@@ -184,6 +184,7 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     parent: ParentRef | None = None  # for invoked runs: who waits for this run's end
     cancel: CancelInfo | None = None  # set when cancellation was asked for
     not_before: int = 0  # a queued run starts no earlier than this (an event with a future ts)
+    armed: bool = False  # its timeouts and cancel_on waiters are set up
 
 
 class StepMemo(msgspec.Struct, frozen=True, kw_only=True):

@@ -40,24 +40,21 @@ from .cron import Cron
 from .durations import epoch_ms, format_duration, from_ms, now_ms, rfc3339
 from .errors import MeshflowError, NatsError
 from .events import Event, decode_event, encode_event
-from .expressions import ExpressionError, match_key
 from .functions import App, Function
 from .ids import new_ulid, run_id_for
-from .names import EVENT_CRON, EVENT_FUNCTION_INVOKED, HDR_MSG_ID, Names
+from .lifecycle import Lifecycle
+from .names import EVENT_CRON, HDR_MSG_ID, Names
 from .router import Router
 from .runs import (
     NEVER,
     NULL,
     ErrorInfo,
     Lease,
-    ParentRef,
     Pending,
     PendingKind,
     RunRecord,
     RunStatus,
-    StepKind,
     StepMemo,
-    StepStatus,
     finished_events,
 )
 from .store import FunctionInfo, RunConflict, Store
@@ -65,7 +62,6 @@ from .timers import LocalTimers, WarmRun
 
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
-_IDEMPOTENCY_TTL_S = 24 * 3600
 _TIMEOUT_KEYS = frozenset({"timeout", "start-timeout"})
 
 log = structlog.get_logger("meshflow.worker")
@@ -155,6 +151,7 @@ class Worker:
         self.bus = Bus(self.nc, self.names)
         self.store = Store(self.nc, self.names, self.bus.requests)
         self.router = Router(self.store, self.bus, self.names)
+        self.life = Lifecycle(self.store, self.bus, self.router, self.functions)
         await self.bus.ensure_streams()
         await self.store.open()
         await self.bus.ensure_router(ack_wait=self.ack_wait)
@@ -303,28 +300,10 @@ class Worker:
             await msg.ack()
             return
         run_id = fn.run_id_for(event)
-        if fn.idempotency is not None and not await self._claim_key(fn, event, run_id):
+        if fn.idempotency is not None and not await self.life.claim_key(fn, event, run_id):
             await msg.ack()
             return
         await self._start_run(fn, msg, event, run_id, seq=msg.metadata.sequence.stream if msg.metadata else 0)
-
-    async def _claim_key(self, fn: Function, event: Event, run_id: str) -> bool:
-        """Idempotency: whether this run may start, its key (if any) unclaimed in the last 24 h."""
-        assert fn.idempotency is not None
-        try:
-            value = fn.idempotency.evaluate({"event": msgspec.to_builtins(event)})
-        except ExpressionError as exc:
-            log.warning("idempotency key not computed; the run starts", function=fn.full_id, error=str(exc))
-            return True
-        if value is None or value == "":
-            return True
-        key = self.names.idempotency_key(fn.full_id, match_key(value))
-        holder = await self.store.claim(key, run_id, _IDEMPOTENCY_TTL_S)
-        if holder != run_id:
-            log.info(
-                "event skipped: idempotency key in use", function=fn.full_id, event_id=event.id, run_id=holder
-            )
-        return holder == run_id
 
     async def _start_run(self, fn: Function, msg: Any, event: Event, run_id: str, *, seq: int) -> None:
         """Create a run and advance it here at once, or queue it when its event's ts is ahead."""
@@ -344,33 +323,17 @@ class Worker:
             failure_of=event.data.get("run_id") if fn.failure_of else None,
             seq=seq,
             not_before=event.ts if queued else 0,
+            armed=True,
         )
         rev = await self.store.create_run(record)
         if rev is None:  # claimed before: a resent or redelivered event
             await self._resume(fn, msg, await self.store.get_run(run_id), rmsg=None)
             return
-        cancelled = await self._arm_new_run(fn, record)
+        cancelled = await self.life.arm(fn, record)
         if queued or cancelled:
             await msg.ack()
             return
         await self._advance(fn, msg, _Holder(record, rev), memos={}, rmsg=None)
-
-    async def _arm_new_run(self, fn: Function, record: RunRecord) -> bool:
-        """A new run's timers (delayed start, timeouts) and cancel_on waiters; True if cancelled."""
-        if record.status is RunStatus.QUEUED:
-            await self.bus.schedule(fn, record.id, "start", record.not_before)
-            if fn.start_timeout_ms is not None:
-                await self.bus.schedule(
-                    fn, record.id, "start-timeout", record.created_at + fn.start_timeout_ms
-                )
-        if fn.finish_timeout_ms is not None:
-            await self.bus.schedule(fn, record.id, "timeout", record.created_at + fn.finish_timeout_ms)
-        if fn.cancel_on:
-            reason = await self.router.open_cancels(fn, record)
-            if reason is not None:
-                await request_cancel(self.store, self.bus, record.id, reason)
-                return True
-        return False
 
     async def _on_cron(self, fn: Function, msg: Any, rmsg: RunMessage) -> None:
         """A cron tick fired: arm the next one, then start the tick's run (one per tick: its id
@@ -446,10 +409,15 @@ class Worker:
             await msg.nak(delay=0.25)  # being advanced right now; look again shortly
             return
         leased = self._leased(record, now)
+        if not record.armed:  # created elsewhere (an invoke, a replay): set up its timeouts now
+            leased = msgspec.structs.replace(leased, armed=True)
         try:
             rev = await self.store.update_run(leased, rev)
         except RunConflict:
             await msg.nak(delay=0.05)
+            return
+        if not record.armed and await self.life.arm(fn, leased, starting=True):
+            await msg.ack()  # cancelled by an event already sent; the cancel message ends it
             return
         await self._advance(fn, msg, _Holder(leased, rev), memos=None, rmsg=rmsg, before=record)
 
@@ -564,77 +532,11 @@ class Worker:
             if item.kind is PendingKind.WAIT:
                 memo = await self.router.open_wait(record, item)
             else:
-                memo = await self._start_child(record, item)
+                memo = await self.life.start_child(record, item)
             if memo is not None:
                 effects.memos[memo.hash] = memo
                 resolved = True
         return resolved
-
-    async def _start_child(self, record: RunRecord, item: Pending) -> StepMemo | None:
-        """Create an ``invoke`` step's child run and have it started; a failed memo if it cannot be."""
-        spec = item.invoke
-        assert spec is not None
-        now = now_ms()
-        local = self.functions.get(spec.function)
-        info = None if local is not None else await self.store.get_function(spec.function)
-        if local is None and info is None:
-            error = ErrorInfo(
-                type="FunctionNotFoundError",
-                message=f"no worker has registered function {spec.function!r} in namespace "
-                f"{self.names.ns!r}; invoke takes a Function or its full id '{{app}}-{{fn}}'",
-                retriable=False,
-            )
-            failed = StepMemo(
-                id=item.step_id,
-                hash=item.key,
-                kind=StepKind.INVOKE,
-                status=StepStatus.FAILED,
-                error=error,
-                started_at=item.since,
-                ended_at=now,
-                child=spec.run_id,
-            )
-            return await self.store.commit_memo(record.id, failed)
-        app, fn_id = (local.app_id, local.id) if local is not None else (info.app, info.id)  # type: ignore[union-attr]
-        child = RunRecord(
-            id=spec.run_id,
-            app=app,
-            function=spec.function,
-            fn=fn_id,
-            status=RunStatus.QUEUED,
-            events=[Event(name=EVENT_FUNCTION_INVOKED, id=f"{record.id}:{item.key}", data=spec.data, ts=now)],
-            created_at=now,
-            updated_at=now,
-            parent=ParentRef(
-                run_id=record.id, app=record.app, fn=record.fn, key=item.key, step_id=item.step_id
-            ),
-        )
-        await self.store.create_run(child)  # None: created by an earlier pass, which is fine
-        start = RunMessage(run_id=child.id, reason="start")
-        await self.bus.publish_run(app, fn_id, start, msg_id=f"{child.id}:start")
-        return None
-
-    async def _notify_parent(self, run: RunRecord) -> None:
-        """Resolve the parent's ``invoke`` step with this run's output or error, and wake it."""
-        parent = run.parent
-        assert parent is not None
-        ok = run.status is RunStatus.COMPLETED
-        memo = StepMemo(
-            id=parent.step_id,
-            hash=parent.key,
-            kind=StepKind.INVOKE,
-            status=StepStatus.COMPLETED if ok else StepStatus.FAILED,
-            output=run.output if ok else NULL,
-            error=None
-            if ok
-            else (run.error or ErrorInfo(type="Cancelled", message=f"run {run.id} was {run.status}")),
-            started_at=run.created_at,
-            ended_at=run.ended_at or now_ms(),
-            child=run.id,
-        )
-        await self.store.commit_memo(parent.run_id, memo)
-        wake = RunMessage(run_id=parent.run_id, reason="invoke", key=parent.key)
-        await self.bus.publish_run(parent.app, parent.fn, wake, msg_id=f"{parent.run_id}:{parent.key}:invoke")
 
     async def _heartbeat(self, msg: Any | None, holder: _Holder) -> None:
         """While a long pass runs: keep the message from redelivery and renew the lease."""
@@ -719,41 +621,16 @@ class Worker:
             # Both at once: a crash between them leaves the message unacked, and its redelivery
             # finds the terminal record and emits again (deduplicated by the event id).
             await asyncio.gather(self._emit_finished(fn, final), self._write_final(holder, final))
-            await self._forget_waits(before, final, memos)
-            await self._clean_up(fn, before, final)
+            await self.life.forget_waits(before, final, memos)
+            await self.life.clean_up(fn, before, final)
             _log_outcome(final)
             return
         await self._write_final(holder, final)
-        await self._forget_waits(before, final, memos)
+        await self.life.forget_waits(before, final, memos)
         armed = [item for item in rearm if self._arm_local_timer(fn, base.id, item.key, item.until)]
         if armed and holder.record is final:
             self._timers.keep_warm(final, holder.rev, memos)
         _log_outcome(final)
-
-    async def _clean_up(self, fn: Function, before: RunRecord, final: RunRecord) -> None:
-        """After a run ended: drop its cancel_on waiters and timeout timer; if it was cancelled,
-        its pending timers and waits too. Best effort: what is left finds a finished run."""
-        with contextlib.suppress(NatsError):
-            if fn.cancel_on:
-                await self.router.forget_cancels(fn, final)
-            if fn.finish_timeout_ms is not None:
-                await self.bus.cancel_timer(final.id, "timeout")
-            if final.status is RunStatus.CANCELLED:
-                for item in before.pending:
-                    if item.until < NEVER:
-                        await self.bus.cancel_timer(final.id, item.key)
-                    if item.kind is PendingKind.WAIT:
-                        await self.router.forget(final.id, item)
-
-    async def _forget_waits(self, before: RunRecord, after: RunRecord, memos: dict[str, StepMemo]) -> None:
-        """Drop the entries of waits that timed out in this pass (the router drops those it resolves)."""
-        still = {p.key for p in after.pending}
-        for item in before.pending:
-            memo = memos.get(item.key)
-            timed_out = memo is not None and memo.seq == 0
-            if item.kind is PendingKind.WAIT and item.key not in still and timed_out:
-                with contextlib.suppress(NatsError):
-                    await self.router.forget(before.id, item)
 
     # --- local timers -------------------------------------------------------------------------
     def _arm_local_timer(self, fn: Function, run_id: str, key: str, until: int) -> bool:
@@ -810,7 +687,7 @@ class Worker:
             [(self.names.event_subject(e.name), encode_event(e), {HDR_MSG_ID: e.id}) for e in events]
         )
         if run.parent is not None:
-            await self._notify_parent(run)
+            await self.life.notify_parent(run)
 
     async def _write_final(self, holder: _Holder, final: RunRecord) -> None:
         for _ in range(10):

@@ -172,3 +172,27 @@ async def test_send_event_in_a_retried_run_sends_once(
         await client.wait_for_run(welcome.run_id_for(sent_id), timeout=20)
     assert received == {"a@example.com": 1}
     assert attempts["later"] == 3
+
+
+async def test_an_invoked_run_gets_its_functions_timeouts_and_its_cancellation_fails_the_parent_step(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("slowpoke")
+
+    @app.function("child", trigger="slow/never-sent", timeouts=meshflow.Timeouts(finish="1s"))
+    async def child(ctx: meshflow.Context) -> str:
+        await ctx.step.sleep("nap", "1h")
+        return "late"
+
+    @app.function("parent", trigger="slow/start", retries=0)
+    async def parent(ctx: meshflow.Context) -> Any:
+        try:
+            return await ctx.step.invoke("call", function=child)
+        except meshflow.StepError as exc:
+            return [exc.error_type, exc.error_message]
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        event = meshflow.Event(name="slow/start")
+        await client.send(event)
+        run = await client.wait_for_run(parent.run_id_for(event), timeout=20)
+    assert run.output == ["Cancelled", "timed out: not finished within 1s"]
