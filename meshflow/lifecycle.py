@@ -183,11 +183,18 @@ class Lifecycle:
                         await self.router.forget(final.id, item)
 
     async def forget_waits(self, before: RunRecord, after: RunRecord, memos: dict[str, StepMemo]) -> None:
-        """Drop the entries of waits that timed out in this pass (the router drops those it resolves)."""
+        """Tidy the waits and invokes that ended in this pass: a timed-out wait's entries (the
+        router drops those it resolves), and the timeout timer of one resolved before its
+        deadline, which would otherwise fire for nothing days later."""
         still = {p.key for p in after.pending}
+        now = now_ms()
         for item in before.pending:
-            memo = memos.get(item.key)
-            timed_out = memo is not None and memo.seq == 0
-            if item.kind is PendingKind.WAIT and item.key not in still and timed_out:
-                with contextlib.suppress(NatsError):
-                    await self.router.forget(before.id, item)
+            if item.key in still or item.kind not in (PendingKind.WAIT, PendingKind.INVOKE):
+                continue
+            with contextlib.suppress(NatsError):
+                if item.until <= now:
+                    memo = memos.get(item.key)
+                    if item.kind is PendingKind.WAIT and memo is not None and memo.seq == 0:
+                        await self.router.forget(before.id, item)
+                elif item.until < NEVER:
+                    await self.bus.cancel_timer(before.id, item.key)

@@ -6,9 +6,12 @@ import asyncio
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 
 import meshflow
+from meshflow.ids import step_hash
+from meshflow.names import Names
 from meshflow.server import EmbeddedServer
 from meshflow.testing import wait_until
 
@@ -58,6 +61,19 @@ async def test_an_approval_waits_for_its_own_decision_or_times_out(
         run = await client.wait_for_run(approve.run_id_for(mine), timeout=20)
     assert run.status is meshflow.RunStatus.COMPLETED
     assert run.output == expected
+    assert not await timer_pending(nats_server, client.names, run.id, step_hash("decision"))
+
+
+async def timer_pending(server: EmbeddedServer, names: Names, run_id: str, key: str) -> bool:
+    """Whether the runs stream still holds a timer (schedule) of this run's step."""
+    nc = await nats.connect(server.url)
+    try:
+        await nc.jetstream().get_last_msg(names.runs_stream, names.timer_subject(run_id, key))
+    except nats.js.errors.NotFoundError:
+        return False
+    finally:
+        await nc.close()
+    return True
 
 
 async def test_an_event_sent_right_after_the_trigger_is_not_missed(
