@@ -5,6 +5,7 @@
     │   └── DurationError      a duration or a point in time that cannot be parsed
     ├── EventError             an event that cannot be sent: bad name, bad data, too large
     ├── SerializationError     a value that cannot be stored as JSON (step output, run output)
+    ├── ExpressionError        a CEL expression failed to evaluate (a missing field, mixed types)
     ├── StepError              a step failed for good; raised at the `step.run` call site, catchable
     ├── NestedStepError        a step was called inside another step's handler
     ├── NonDeterminismError    on replay, a step id came back as a different kind of step
@@ -45,6 +46,14 @@ class EventError(MeshflowError, ValueError):
 
 class SerializationError(MeshflowError, TypeError):
     """A value could not be encoded as JSON for storage."""
+
+
+class ExpressionError(MeshflowError):
+    """A CEL expression could not be evaluated for an event (a missing field, mixed types...).
+
+    Conditions (trigger and wait ``if_``) treat it as false; an idempotency key that fails to
+    evaluate starts the run without a key.
+    """
 
 
 class StepError(MeshflowError):

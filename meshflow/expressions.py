@@ -39,7 +39,7 @@ from typing import Any
 
 import cel
 
-from meshflow.errors import ConfigError, MeshflowError
+from meshflow.errors import ConfigError, ExpressionError
 
 __all__ = [
     "MAX_EXPRESSION_LENGTH",
@@ -65,10 +65,6 @@ _SEGMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 # Python types of cel results that are not JSON, by the names CEL users know them by.
 _CEL_TYPES = {"datetime": "timestamp", "timedelta": "duration", "OptionalValue": "optional"}
 _MATCH_HINT = "use a dotted path to a field of the event's data, like 'data.userId'"
-
-
-class ExpressionError(MeshflowError):
-    """A CEL expression failed while it was being evaluated (its source and the cause are named)."""
 
 
 @dataclass(frozen=True, slots=True)
