@@ -1,6 +1,8 @@
 """Runnable example apps; ``meshflow dev`` serves ``examples:apps``."""
 
+from .approval import app as finance_app
+from .digest import app as digest_app
 from .pipeline import app as docs_app
 from .signup import app as shop_app
 
-apps = [shop_app, docs_app]
+apps = [shop_app, docs_app, finance_app, digest_app]
