@@ -129,6 +129,17 @@ async def _show_run(args: argparse.Namespace) -> None:
     print(json.dumps(msgspec.to_builtins(run), indent=2))
 
 
+async def _cancel(args: argparse.Namespace) -> None:
+    async with connect(args.nats.split(","), namespace=args.namespace) as client:
+        asked = await client.cancel(args.run_id, reason=args.reason)
+    print("cancelling" if asked else "already finished")
+
+
+async def _replay(args: argparse.Namespace) -> None:
+    async with connect(args.nats.split(","), namespace=args.namespace) as client:
+        print(await client.replay(args.run_id))
+
+
 def _parser() -> argparse.ArgumentParser:
     env_nats = os.environ.get("MESHFLOW_NATS", DEFAULT_URL)
     env_ns = os.environ.get("MESHFLOW_NAMESPACE", DEFAULT_NAMESPACE)
@@ -168,6 +179,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     common(p)
     p.set_defaults(func=_show_run)
+
+    p = sub.add_parser("cancel", help="cancel a run (it stops before its next step)")
+    p.add_argument("run_id")
+    p.add_argument("--reason", default="cancelled from the command line")
+    common(p)
+    p.set_defaults(func=_cancel)
+
+    p = sub.add_parser("replay", help="run a run's function again from the same event; prints the new run id")
+    p.add_argument("run_id")
+    common(p)
+    p.set_defaults(func=_replay)
 
     p = sub.add_parser("bench", help="benchmark workloads against the raw JetStream limit")
     bench.add_arguments(p)

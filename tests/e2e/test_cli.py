@@ -1,4 +1,4 @@
-"""The command line as users run it: ``meshflow dev``, ``meshflow send`` and ``meshflow run``."""
+"""The command line as users run it: ``meshflow dev``, ``send``, ``run``, ``cancel`` and ``replay``."""
 
 from __future__ import annotations
 
@@ -69,6 +69,21 @@ async def test_dev_serves_the_examples_and_stops_cleanly_on_ctrl_c(tmp_path: Pat
             return shown.returncode == 0 and json.loads(shown.stdout)["status"] == "sleeping"
 
         await wait_until(signup_sleeping, timeout=30, message="the signup run sleeps for 3 days")
+
+        cancelled = meshflow("cancel", process_signup.run_id_for(event_id), "--nats", url)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert cancelled.stdout.strip() == "cancelling"
+
+        def signup_cancelled() -> bool:
+            shown = meshflow("run", process_signup.run_id_for(event_id), "--nats", url)
+            return shown.returncode == 0 and json.loads(shown.stdout)["status"] == "cancelled"
+
+        await wait_until(signup_cancelled, timeout=30, message="the signup run is cancelled")
+        replayed = meshflow("replay", process_signup.run_id_for(event_id), "--nats", url)
+        assert replayed.returncode == 0, replayed.stderr
+        unknown = meshflow("cancel", "01NOSUCHRUN0000000000000000", "--nats", url)
+        assert unknown.returncode == 1
+        assert "does not exist" in unknown.stderr
     finally:
         dev.send_signal(signal.SIGINT)
         code = dev.wait(30)
