@@ -422,18 +422,18 @@ class Bus:
             **({"filter_subject": subjects[0]} if len(subjects) == 1 else {"filter_subjects": subjects}),
         )
 
-    async def ensure_router(self, *, ack_wait: float = ACK_WAIT) -> None:
-        """Create the router's consumer: every event, shared by all workers (see ``router``)."""
+    async def ensure_route(self, event_name: str, name_token: str, *, ack_wait: float = ACK_WAIT) -> None:
+        """Create the consumer that routes events named ``event_name`` to waiting runs (idempotent)."""
         n = self.names
         config = ConsumerConfig(
-            name=n.router_consumer,
-            durable_name=n.router_consumer,
+            name=n.route_consumer(name_token),
+            durable_name=n.route_consumer(name_token),
             deliver_policy=DeliverPolicy.NEW,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ack_wait,
             max_deliver=-1,
             max_ack_pending=MAX_ACK_PENDING,
-            filter_subject=n.events_subjects,
+            filter_subject=n.event_subject(event_name),
         )
         try:
             await self.js.add_consumer(n.events_stream, config)

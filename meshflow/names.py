@@ -83,10 +83,11 @@ class Names:
         """The durable consumer on the runs stream that workers pull a function's runs from."""
         return f"run-{app_id}-{fn_id}"
 
-    @property
-    def router_consumer(self) -> str:
-        """The durable consumer on the events stream, shared by all workers, that resumes waits."""
-        return "router"
+    @staticmethod
+    def route_consumer(name_token: str) -> str:
+        """The durable consumer on the events stream, shared by all workers, that routes the
+        events of one name some run has waited for to the runs waiting (see ``router``)."""
+        return f"route-{name_token}"
 
     # --- key-value buckets -------------------------------------------------------------------
     @property
@@ -133,6 +134,15 @@ class Names:
 
     # Waiter keys. ``name`` is a token for the event name (names may hold '.' and '/'), ``field``
     # one for the match path, ``value`` one for the match value: see ``waits.tokens``.
+    @staticmethod
+    def wait_name_key(name: str) -> str:
+        """Marks that runs wait for this event name (its value is the name): workers route it."""
+        return f"{name}.n"
+
+    @property
+    def wait_names(self) -> str:
+        return "*.n"
+
     @staticmethod
     def wait_field_key(name: str, field: str) -> str:
         """Marks that some run waits for ``name`` matching on ``field`` (the router looks these up)."""

@@ -1,20 +1,25 @@
-"""The event router: resumes runs waiting in ``wait_for_event`` / ``wait_for_any``.
+"""The event router: resumes runs waiting in ``wait_for_event`` / ``wait_for_any`` (and cancels
+runs whose ``cancel_on`` event arrives).
 
-Every worker pulls from one shared durable consumer, ``router``, on the events stream, so each
-event is routed once however many workers run. For an event it looks up the waiters of its name
-in the waits bucket (see ``waits`` for the index), and for each one that accepts the event it
-commits the wait's step memo (``create``: first writer wins, so an event and a timeout, or two
-events, resolve a wait exactly once), publishes "advance run" for the run, and drops the
-wait's entries.
+Only the event names some run has waited for are routed: each gets a durable consumer
+``route-{name}`` on the events stream the first time a run waits for it (and a marker in the waits
+bucket, so every worker finds it and pulls from it too). Events nobody waits for cost the router
+nothing. All workers share each route consumer, so an event is routed once however many run. For
+an event the router looks up the waiters of its name (see ``waits`` for the index), and for each
+one that accepts the event it commits the wait's step memo (``create``: first writer wins, so an
+event and a timeout, or two events, resolve a wait exactly once), publishes "advance run" for the
+run, and drops the wait's entries.
 
-Nothing is missed: a worker suspending a run on a wait first reads the events already in the
-wait's window (`Router.open_wait`), then registers the waiter, then reads again from where it
-stopped. An event stored before the waiter was written is found by the second read; one stored
-after it is routed by the consumer, which sees the waiter. Both may find the same event; the memo
-commit makes that harmless.
+Nothing is missed: a worker suspending a run on a wait makes sure the name's route consumer
+exists, reads the events already in the wait's window (`Router.open_wait`), registers the waiter,
+then reads again from where it stopped. An event stored before the waiter was written is found by
+the second read; one stored after it reaches the route consumer (created before either read),
+whose lookup sees the waiter. Both may find the same event; the memo commit makes that harmless.
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import structlog
@@ -50,16 +55,49 @@ _WAITER_GRACE_S = 3600
 class Router:
     """Registers waits and routes events to them, for one namespace."""
 
-    def __init__(self, store: Store, bus: Bus, names: Names) -> None:
+    def __init__(
+        self,
+        store: Store,
+        bus: Bus,
+        names: Names,
+        follow: Callable[[str, str], Awaitable[None]],
+        *,
+        ack_wait: float,
+    ) -> None:
         self.store = store
         self.bus = bus
         self.names = names
+        self.follow = follow  # start pulling a route consumer: (event name, name token)
+        self.ack_wait = ack_wait
+        self._routes: set[str] = set()  # name tokens whose consumer exists and is followed here
+
+    # --- route consumers ------------------------------------------------------------------------
+    async def ensure_route(self, event_name: str) -> None:
+        """Make sure events named ``event_name`` are routed, and that this worker routes them."""
+        token = name_token(event_name)
+        if token in self._routes:
+            return
+        await self.bus.ensure_route(event_name, token, ack_wait=self.ack_wait)
+        await self.store.put_waits([(self.names.wait_name_key(token), event_name.encode(), None)])
+        if token not in self._routes:  # a concurrent call may have got here first
+            self._routes.add(token)
+            await self.follow(event_name, token)
+
+    async def discover(self) -> None:
+        """Follow the route consumers other workers created (the names runs wait for)."""
+        found = await self.store.find_waits([self.names.wait_names])
+        for value in found.values():
+            name = value.decode()
+            if name_token(name) not in self._routes:
+                await self.ensure_route(name)
 
     # --- the worker's side: a run suspends on a wait ------------------------------------------
     async def open_wait(self, record: RunRecord, item: Pending) -> StepMemo | None:
         """Register the wait ``item`` of a run being suspended, unless an event in its window
         already satisfies it; return the wait's memo when it is resolved."""
         trigger = record.events[0] if record.events else None
+        for spec in item.waits:
+            await self.ensure_route(spec.event)
         memo, positions = await self._scan(record, item, trigger, None)
         if memo is not None:
             return memo
@@ -100,6 +138,7 @@ class Router:
         """Register a new run's ``cancel_on`` waiters; the reason if an event already cancels it."""
         trigger = record.events[0] if record.events else None
         for item in self._cancel_items(fn, record):
+            await self.ensure_route(item.waits[0].event)
             await self._register(record, item, trigger, kind="cancel")
             found, _ = await self._first_match(item.waits[0], trigger, item.waits[0].floor_seq)
             if found is not None:

@@ -63,6 +63,7 @@ from .timers import LocalTimers, WarmRun
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
 _TIMEOUT_KEYS = frozenset({"timeout", "start-timeout"})
+_DISCOVER_EVERY = 5.0
 
 log = structlog.get_logger("meshflow.worker")
 
@@ -150,11 +151,10 @@ class Worker:
         self.nc = await open_nats(self.servers, name=f"meshflow-worker-{self.id}")
         self.bus = Bus(self.nc, self.names)
         self.store = Store(self.nc, self.names, self.bus.requests)
-        self.router = Router(self.store, self.bus, self.names)
+        self.router = Router(self.store, self.bus, self.names, self._follow_route, ack_wait=self.ack_wait)
         self.life = Lifecycle(self.store, self.bus, self.router, self.functions)
         await self.bus.ensure_streams()
         await self.store.open()
-        await self.bus.ensure_router(ack_wait=self.ack_wait)
         for fn in self.functions.values():
             await self.bus.ensure_consumers(fn, ack_wait=self.ack_wait)
             await self.store.put_function(
@@ -179,8 +179,11 @@ class Worker:
             self._loops.append(
                 asyncio.create_task(self._pull_loop(runs, fn.full_id, self._handler(fn, self._on_run)))
             )
-        routed = await self.bus.pull(n.events_stream, n.router_consumer)
-        self._loops.append(asyncio.create_task(self._pull_loop(routed, "router", self._on_routed)))
+        for fn in self.functions.values():
+            for spec in fn.cancel_on:
+                await self.router.ensure_route(spec.event)
+        await self.router.discover()
+        self._loops.append(asyncio.create_task(self._discover_routes()))
         await self.nc.subscribe(n.cancel_subjects, cb=self._on_cancel_signal)
         for fn in self.functions.values():
             for cron in fn.crons:
@@ -355,6 +358,23 @@ class Worker:
             self._cancel_signals.add(run_id)
 
     # --- the router: events resume waits --------------------------------------------------------
+    async def _follow_route(self, event_name: str, token: str) -> None:
+        sub = await self.bus.pull(self.names.events_stream, self.names.route_consumer(token))
+        self._loops.append(asyncio.create_task(self._pull_loop(sub, f"route {event_name}", self._on_routed)))
+
+    async def _discover_routes(self) -> None:
+        """Pick up, every few seconds, the event names runs on other workers started waiting for.
+
+        Their consumers keep the events meanwhile; the worker that registered a wait routes its
+        name from the start, so this only spreads the routing work.
+        """
+        while not self._stopping.is_set():
+            await asyncio.sleep(_DISCOVER_EVERY)
+            try:
+                await self.router.discover()
+            except MeshflowError as exc:
+                log.warning("could not look for new routes", error=str(exc))
+
     async def _on_routed(self, msg: Any) -> None:
         meta = msg.metadata
         await self.router.route(msg.data, meta.sequence.stream, epoch_ms(meta.timestamp))

@@ -270,7 +270,7 @@ async def test_ten_thousand_waiting_runs_each_resume_once_by_their_own_event(
 
             async def all_waiting() -> bool:
                 info = await nc.jetstream().stream_info(waits)
-                return bool(info.state.messages >= n + 1)  # history 1: a message per key, + the marker
+                return bool(info.state.messages >= n + 2)  # history 1: a message per key, + 2 markers
 
             await wait_until(all_waiting, timeout=90, interval=0.2)
         finally:
@@ -283,3 +283,26 @@ async def test_ten_thousand_waiting_runs_each_resume_once_by_their_own_event(
             *(client.wait_for_run(pay.run_id_for(e), timeout=120, steps=False) for e in starts)
         )
     assert [r.output for r in outputs] == [{"id": i, "by": f"p{i}"} for i in range(n)]
+
+
+async def test_a_worker_started_later_routes_the_events_runs_wait_for(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    """The worker that suspended the run is gone; the next one finds the waited-for name and
+    routes it. Event names nobody waits for get no route at all."""
+    app, approve = approval_app()
+    submitted = meshflow.Event(name="expense/submitted", data={"expense_id": "e-9"})
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        await client.send(submitted)
+        await client.wait_for_run(approve.run_id_for(submitted), until=meshflow.RunStatus.WAITING)
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        await client.send(meshflow.Event(name="expense/decided", data={"expense_id": "e-9", "ok": True}))
+        run = await client.wait_for_run(approve.run_id_for(submitted), timeout=20)
+        nc = await nats.connect(nats_server.url)
+        try:
+            consumers = await nc.jetstream().consumers_info(client.names.events_stream)
+        finally:
+            await nc.close()
+    assert run.output == {"status": "approved", "by": None}
+    routes = sorted(c.config.filter_subject for c in consumers if c.name.startswith("route-"))
+    assert routes == [client.names.event_subject("expense/decided")]
