@@ -258,7 +258,7 @@ class _Pass:
         handler: Callable[..., Any],
         args: tuple[Any, ...],
         type_: Any,
-        retries: int | None,
+        retries: int | Retry | None,
     ) -> Any:
         key, memo = self._new_step(step_id, StepKind.RUN)
         if memo is None:
@@ -269,7 +269,12 @@ class _Pass:
         raise StepError(step_id, err.type, err.message, err.traceback)
 
     async def _execute(
-        self, key: str, step_id: str, handler: Callable[..., Any], args: tuple[Any, ...], retries: int | None
+        self,
+        key: str,
+        step_id: str,
+        handler: Callable[..., Any],
+        args: tuple[Any, ...],
+        retries: int | Retry | None,
     ) -> StepMemo:
         policy = (
             self.act.function.retry if retries is None else retry_policy(retries, what=f"step {step_id!r}")

@@ -17,6 +17,7 @@ import structlog
 
 from .errors import ConfigError
 from .events import Event
+from .retries import Retry
 
 if TYPE_CHECKING:
     from .functions import Function
@@ -48,7 +49,7 @@ class _Engine(Protocol):
         handler: Callable[..., Any],
         args: tuple[Any, ...],
         type_: Any,
-        retries: int | None,
+        retries: int | Retry | None,
     ) -> Any: ...
 
     async def sleep_step(self, step_id: str, duration: object, *, until: bool) -> None: ...
@@ -85,7 +86,7 @@ class Step:
         handler: Callable[..., Awaitable[Any]] | Callable[..., Any],
         *args: Any,
         type: Any = None,
-        retries: int | None = None,
+        retries: int | Retry | None = None,
     ) -> Any:
         """Run ``handler(*args)`` once, durably, and return its (JSON) result.
 
@@ -98,7 +99,7 @@ class Step:
             handler: what to run.
             *args: positional arguments for the handler (JSON-friendly values are best).
             type: decode the result into this type (a Struct, dataclass, ...).
-            retries: this step's own retry count, instead of the function's.
+            retries: this step's own retry count (or `Retry` policy), instead of the function's.
 
         Raises:
             StepError: the step failed for good (retries exhausted or `NonRetriableError`).

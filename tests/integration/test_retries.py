@@ -133,3 +133,29 @@ async def test_on_failure_runs_once_with_the_original_event_and_error(
     assert first["event"]["data"] == {"who": "ada"}  # type: ignore[index]
     assert "no luck for ada" in first["error"]["message"]  # type: ignore[index]
     assert [h["run_id"] for h in handled].count(run.id) == 1
+
+
+async def test_a_step_can_have_its_own_retry_policy(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("own")
+    calls: list[str] = []
+
+    def down() -> None:
+        calls.append("x")
+        raise RuntimeError("still down")
+
+    @app.function("own", trigger="own/go", retries=FAST)
+    async def own(ctx: meshflow.Context) -> str:
+        try:
+            await ctx.step.run("fragile", down, retries=meshflow.Retry(retries=1, backoff=("50ms",)))
+        except meshflow.StepError:
+            return "gave up"
+        return "ok"
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        event = meshflow.Event(name="own/go")
+        await client.send(event)
+        run = await client.wait_for_run(own.run_id_for(event))
+    assert run.output == "gave up"
+    assert len(calls) == 2  # its own 1 retry, not the function's 3
