@@ -21,13 +21,14 @@ import msgspec
 from .bus import NATS_ERRORS, Bus, RunMessage, open_nats
 from .codec import decode_value
 from .control import request_cancel
-from .durations import epoch_ms, now_ms
-from .errors import EventError, RunNotFoundError, RunTimeoutError
+from .cron import parse_cron
+from .durations import epoch_ms, from_ms, now_ms
+from .errors import EventError, MeshflowError, RunNotFoundError, RunTimeoutError
 from .events import Event, encode_event
 from .ids import is_ulid, new_ulid, run_id_for, ulid_time_ms
 from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names
 from .runs import NEVER, ErrorInfo, Pending, PendingKind, RunRecord, RunStatus, StepMemo
-from .store import Store
+from .store import FunctionInfo, Store
 
 
 class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -264,6 +265,19 @@ class Client:
         start = RunMessage(run_id=replay.id, reason="start")
         await self._bus.publish_run(replay.app, replay.fn, start, msg_id=f"{replay.id}:start")
         return replay.id
+
+    async def functions(self) -> list[FunctionInfo]:
+        """Every function a worker has registered in this namespace, with its triggers."""
+        return sorted(await self._store.list_functions(), key=lambda f: f.full_id)
+
+    async def next_ticks(self, function_id: str, *, after: dt.datetime | None = None) -> list[dt.datetime]:
+        """When each cron trigger of a function fires next (UTC), after ``after`` (default now)."""
+        info = await self._store.get_function(function_id)
+        if info is None:
+            raise MeshflowError(f"no worker has registered function {function_id!r}")
+        start = epoch_ms(after) if after is not None else now_ms()
+        crons = [parse_cron(c, what=f"function {function_id!r}") for c in info.crons]
+        return [from_ms(c.next_after(start)) for c in crons]
 
     async def runs_for_event(self, event_id: str) -> list[Run]:
         """The runs one event started, one per function it triggered (as far as they exist yet)."""

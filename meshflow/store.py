@@ -65,6 +65,10 @@ class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
     retries: int
     failure_of: str | None = None
     updated_at: int = 0
+    crons: list[str] = msgspec.field(default_factory=list)  # cron triggers, as written
+    filters: dict[str, str] = msgspec.field(default_factory=dict)  # trigger -> its if_
+    cancel_on: list[str] = msgspec.field(default_factory=list)  # event names that cancel a run
+    idempotency: str | None = None
 
 
 _info_encoder = msgspec.json.Encoder()

@@ -167,6 +167,10 @@ class Worker:
                     retries=fn.retry.retries,
                     failure_of=fn.failure_of,
                     updated_at=now_ms(),
+                    crons=[c.source for c in fn.crons],
+                    filters={p: e.source for p, e in fn.filters if e is not None},
+                    cancel_on=[c.event for c in fn.cancel_on],
+                    idempotency=fn.idempotency.source if fn.idempotency else None,
                 )
             )
         n = self.names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -55,3 +56,23 @@ async def test_a_tick_missed_while_no_worker_runs_fires_once_when_one_returns(
 
 def _epoch(tick: str) -> float:
     return epoch_ms(parse_when(tick)) / 1000
+
+
+async def test_the_next_tick_is_readable(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("weekly")
+
+    @app.function("digest", trigger=[meshflow.TriggerCron("TZ=Europe/Paris 0 9 * * MON"), "digest/now"])
+    async def digest(ctx: meshflow.Context) -> None:
+        return None
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        pass
+    wednesday = dt.datetime(2026, 11, 25, 12, tzinfo=dt.UTC)
+    assert await client.next_ticks(digest.full_id, after=wednesday) == [
+        dt.datetime(2026, 11, 30, 8, tzinfo=dt.UTC)  # 09:00 in Paris, in winter
+    ]
+    [info] = [f for f in await client.functions() if f.full_id == digest.full_id]
+    assert info.crons == ["TZ=Europe/Paris 0 9 * * MON"]
+    assert info.triggers == ["digest/now"]
