@@ -27,9 +27,8 @@ from typing import Any, TextIO
 
 from meshflow.functions import Function
 from meshflow.server import EmbeddedServer
-from meshflow.steps import Step
 
-from . import apps, raw, sleepers, workloads
+from . import apps, raw, sleepers, waiters, workloads
 from .admin import Admin
 from .harness import Body, Measured, Target, with_worker
 from .procs import BenchError, CpuMeter, kill_leftovers
@@ -58,6 +57,7 @@ SPECS = {
     "W2": Spec("w2", (apps.one_step,), workloads.w2, "p50_ms"),
     "W3": Spec("w3", (apps.sleeper,), workloads.w3, "lateness_p99_ms"),
     "W4": Spec("w4", apps.FANOUT, workloads.w4, "p50_ms"),
+    "W5": Spec("w5", (apps.waiter,), waiters.w5, "resume_p99_ms"),
     "W6": Spec("w6", (apps.long_sleeper,), sleepers.w6, "create_s"),
     # W7's events match no function: its worker (serving W2's function) stays idle.
     "W7": Spec("w2", (apps.one_step,), workloads.w7, "events_per_s", ("events_per_s", "publish_per_s")),
@@ -148,9 +148,6 @@ class _Bench:
         self.emit(line)
 
     async def run(self, name: str) -> None:
-        if name == "W5":
-            self.emit({"workload": "W5", "available": False, "reason": _w5_reason()})
-            return
         spec = SPECS[name]
         results: list[Measured] = []
         error = None
@@ -176,12 +173,6 @@ class _Bench:
                 line["ratio"] = {"value": value, "of": f"{figure}.median / RAW.{raw_figure}.median"}
         line["raw"] = {k: rounded(v) for k, v in self.raw.items()}
         self.emit(line)
-
-
-def _w5_reason() -> str:
-    if hasattr(Step, "wait_for_event"):
-        return "ctx.step.wait_for_event exists, but the bench has no W5 yet"
-    return "needs ctx.step.wait_for_event (not built yet)"
 
 
 def selected(names: list[str]) -> list[str]:

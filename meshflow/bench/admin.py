@@ -1,9 +1,10 @@
 """What the benchmark reads from and cleans on the server, beside meshflow's own API.
 
 One plain nats-py connection per benchmark invocation: stream and consumer state of a
-namespace (store bytes, pending and ack-pending counts), a sweep of every run's status, and
-deleting a namespace's streams once a workload run is done (so runs do not interfere, and an
-external server is left as it was found; deleting the runs stream also cancels pending timers).
+namespace (store bytes, pending and ack-pending counts, whether every event has been routed, how
+many waiter entries there are), a sweep of every run's status and output, and deleting a
+namespace's streams once a workload run is done (so runs do not interfere, and an external
+server is left as it was found; deleting the runs stream also cancels pending timers).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from .procs import BenchError
 _TIMEOUTS = (nats.errors.TimeoutError, asyncio.TimeoutError)
 
 
-class _Status(msgspec.Struct):
-    """The one field of a run record the sweep needs."""
+class RunOutcome(msgspec.Struct):
+    """The fields of a run record a sweep reads: its status and its output (raw JSON)."""
 
     status: str
+    output: msgspec.Raw = msgspec.Raw(b"null")
 
 
-_status = msgspec.json.Decoder(_Status)
+_outcome = msgspec.json.Decoder(RunOutcome)
 
 
 async def _ignore(exc: Exception) -> None:
@@ -58,7 +60,7 @@ async def open_plain(url: str, name: str) -> NatsClient:
 
 def streams(names: Names) -> list[str]:
     """Every stream a meshflow namespace uses."""
-    buckets = (names.runs_bucket, names.steps_bucket, names.registry_bucket)
+    buckets = (names.runs_bucket, names.steps_bucket, names.registry_bucket, names.waits_bucket)
     return [names.events_stream, names.runs_stream, *(kv_stream(b) for b in buckets)]
 
 
@@ -78,7 +80,7 @@ class Admin:
             await self.nc.close()
 
     async def store_bytes(self, names: Names) -> int:
-        """Bytes stored in the namespace's streams (events, runs and the three buckets)."""
+        """Bytes stored in the namespace's streams (events, runs and the four buckets)."""
         total = 0
         for stream in streams(names):
             with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -101,25 +103,43 @@ class Admin:
         runs = await self.consumer(names.runs_stream, names.run_consumer(fn.app_id, fn.id))
         return trigger == (0, 0) and runs == (0, 0)
 
+    async def events_drained(self, names: Names) -> bool:
+        """Whether every consumer of the events stream (the functions' triggers and the routing
+        of events to waiting runs) has handed out and seen acked every event stored so far."""
+        infos = await self.js.consumers_info(names.events_stream)
+        return all(int(i.num_pending) == 0 and int(i.num_ack_pending) == 0 for i in infos)
+
+    async def waits_messages(self, names: Names) -> int:
+        """Messages in the waits bucket's stream (history 1: one per live or purged key)."""
+        info = await self.js.stream_info(kv_stream(names.waits_bucket))
+        return int(info.state.messages)
+
     async def run_statuses(self, names: Names, within: float = 60.0) -> Counter[str]:
         """How many runs of the namespace are in each status: one pass over the runs bucket.
 
         `TimeoutError` if the pass takes longer than ``within`` seconds.
         """
-        counts: Counter[str] = Counter()
+        return Counter(run.status for run in (await self.run_outcomes(names, within)).values())
+
+    async def run_outcomes(self, names: Names, within: float = 60.0) -> dict[str, RunOutcome]:
+        """Every run's status and output, by run id: one pass over the runs bucket.
+
+        `TimeoutError` if the pass takes longer than ``within`` seconds.
+        """
+        runs: dict[str, RunOutcome] = {}
         try:
             kv = await self.js.key_value(names.runs_bucket)
         except nats.js.errors.BucketNotFoundError:
-            return counts
+            return runs
         watcher = await kv.watch(">", ignore_deletes=True)
         try:
             async with asyncio.timeout(within):
                 while True:
                     entry = await watcher.updates(timeout=within)
                     if entry is None:  # the watcher's "initial values done" marker
-                        return counts
+                        return runs
                     if entry.value:
-                        counts[_status.decode(entry.value).status] += 1
+                        runs[entry.key] = _outcome.decode(entry.value)
         finally:
             with contextlib.suppress(nats.errors.Error, *_TIMEOUTS):
                 await watcher.stop()

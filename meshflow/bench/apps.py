@@ -1,10 +1,10 @@
 """The functions the benchmark runs, served by ``meshflow worker meshflow.bench.apps:ATTR``.
 
 ``app`` holds every benchmark function. Each workload's worker serves only the functions that
-workload triggers (``w1``, ``w2``, ``w3``, ``w4``, ``w6``: apps with the same id ``bench``, so full
-ids and run ids are the same as in ``app``): a worker shares its concurrency slots among the pull
-loops of all its functions, and idle loops of functions a workload never triggers would hold
-slots in long-polling fetches and so distort the figures.
+workload triggers (``w1`` … ``w6``: apps with the same id ``bench``, so full ids and run ids are
+the same as in ``app``): a worker shares its concurrency slots among the pull loops of all its
+functions, and idle loops of functions a workload never triggers would hold slots in
+long-polling fetches and so distort the figures.
 
 Step handlers are no-op coroutines returning a small dict, so a run costs only meshflow itself.
 """
@@ -19,17 +19,21 @@ from meshflow.functions import Function, Handler
 
 app = meshflow.App("bench")
 
-_APPS: dict[str, meshflow.App] = {w: meshflow.App("bench") for w in ("w1", "w2", "w3", "w4", "w6")}
+_APPS: dict[str, meshflow.App] = {w: meshflow.App("bench") for w in ("w1", "w2", "w3", "w4", "w5", "w6")}
 w1 = _APPS["w1"]
 w2 = _APPS["w2"]
 w3 = _APPS["w3"]
 w4 = _APPS["w4"]
+w5 = _APPS["w5"]
 w6 = _APPS["w6"]
 
 TRIGGER_W1 = "bench/w1"
 TRIGGER_W2 = "bench/w2"
 TRIGGER_W3 = "bench/w3"
 TRIGGER_W4 = "bench/w4"
+TRIGGER_W5 = "bench/w5"
+#: What W5's runs wait for, matched on ``data.id``.
+EVENT_W5_PAID = "bench/paid"
 TRIGGER_W6 = "bench/w6"
 #: W7 events match no function: W7 measures ingest alone while its worker stays idle.
 TRIGGER_W7 = "bench/w7"
@@ -82,6 +86,16 @@ def _fan(k: int) -> Function:
 
 
 FANOUT: tuple[Function, ...] = tuple(_fan(k) for k in range(1, 6))
+
+
+@_function("w5", "waiter", TRIGGER_W5)
+async def waiter(ctx: meshflow.Context) -> dict[str, float] | None:
+    paid = await ctx.step.wait_for_event("paid", event=EVENT_W5_PAID, match="data.id", timeout="1h")
+    # Like W3's t_wake: the first instruction after the wait, on the one pass that gets past it.
+    t_resume = time.time()
+    if paid is None:
+        return None
+    return {"t_send": paid.data["t_send"], "t_resume": t_resume}
 
 
 @_function("w6", "long-sleeper", TRIGGER_W6)

@@ -21,6 +21,17 @@ FIGURES = {
     "W2": ["p50_ms", "p95_ms", "p99_ms"],
     "W3": ["lateness_p50_ms", "lateness_p99_ms", "early_wakes", "wall_s"],
     "W4": ["p50_ms", "p95_ms", "p99_ms", "runs_per_s"],
+    "W5": [
+        "routed_0_per_s",
+        "routed_1_per_s",
+        "routed_n_per_s",
+        "routed_n_vs_0",
+        "routed_n_vs_1",
+        "worker_rss_waiting_mb",
+        "resume_p50_ms",
+        "resume_p99_ms",
+        "resumes_per_s",
+    ],
     "W7": ["events_per_s"],
 }
 RATIOS = {"W1", "W7"}
@@ -69,5 +80,7 @@ def test_bench_prints_one_line_of_numeric_figures_per_workload(tmp_path: Path) -
             assert set(line["raw"]) == set(FIGURES["RAW"])
         if name in RATIOS:
             assert is_number(line["ratio"]["value"])
-    assert lines[3]["early_wakes"]["max"] == 0  # W3: a sleep never wakes early
+    by_name = {line["workload"]: line for line in lines}
+    assert by_name["W3"]["early_wakes"]["max"] == 0  # a sleep never wakes early
+    assert by_name["W5"]["completed"]["min"] == 100  # 10,000 at --scale 0.01: every waiter resumed
     assert "W1 run 1/1" in stderr
