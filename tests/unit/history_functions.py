@@ -59,4 +59,60 @@ async def fan(ctx: meshflow.Context) -> list[str]:
     return [a, b]
 
 
+def file_request(data: dict[str, object]) -> dict[str, object]:
+    return {"request": data["requestId"], "amount": data["amount"]}
+
+
+@app.function("approval", trigger="expense/submitted")
+async def approval(ctx: meshflow.Context) -> dict[str, object]:
+    request = await ctx.step.run("file-request", file_request, ctx.event.data)
+    decision = await ctx.step.wait_for_event(
+        "await-decision", event="expense/decided", match="data.requestId", timeout="2 days"
+    )
+    if decision is None:
+        return {"escalated": await ctx.step.run("escalate", lambda: f"escalated {request['request']}")}
+    approved = bool(decision.data["approved"])
+    await ctx.step.run("record-decision", lambda: {"request": request["request"], "approved": approved})
+    return {"approved": approved, "by": decision.data["by"]}
+
+
+@app.function("order-outcome", trigger="shop/order.placed")
+async def order_outcome(ctx: meshflow.Context) -> str:
+    event = await ctx.step.wait_for_any(
+        "outcome",
+        [
+            meshflow.WaitFor("shop/order.paid", match="data.orderId", if_="async.data.amount > 0"),
+            meshflow.WaitFor("shop/order.cancelled", match="data.orderId"),
+        ],
+        timeout="7 days",
+    )
+    return "expired" if event is None else event.name
+
+
+@app.function("charge-card", trigger="billing/charge")
+async def charge_card(ctx: meshflow.Context) -> dict[str, object]:
+    return {"charged": ctx.event.data["amount"]}
+
+
+@app.function("checkout", trigger="shop/checkout")
+async def checkout(ctx: meshflow.Context) -> dict[str, object]:
+    try:
+        receipt = await ctx.step.invoke(
+            "charge", function=charge_card, data={"amount": ctx.event.data["amount"]}, timeout="1 hour"
+        )
+    except meshflow.StepError as exc:
+        return {"paid": False, "reason": f"{exc.error_type}: {exc.error_message}"}
+    return {"paid": True, "receipt": receipt}
+
+
+@app.function("notify", trigger="shop/order.shipped")
+async def notify(ctx: meshflow.Context) -> dict[str, object]:
+    mail = meshflow.Event(
+        name="mail/requested", id=f"{ctx.run_id}:mail", data={"to": ctx.event.data["email"]}, ts=ctx.event.ts
+    )
+    ids = await ctx.step.send_event("request-mail", [mail])
+    await ctx.step.run("mark-notified", lambda: "notified")
+    return {"sent": ids}
+
+
 FUNCTIONS = {fn.id: fn for fn in app.functions}
