@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -33,6 +35,9 @@ from .logging import configure_logging
 from .names import DEFAULT_NAMESPACE
 from .server import EmbeddedServer
 from .worker import Worker
+
+#: Where ``meshflow dev`` and ``meshflow dashboard`` serve the dashboard (``dashboard.DEFAULT_PORT``).
+DASHBOARD_PORT = 8288
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEV_APP = "examples:apps"
@@ -88,15 +93,19 @@ def _command() -> str:
 
 
 async def _dev(args: argparse.Namespace) -> None:
+    from dashboard import Dashboard  # imported here: workers and other commands do not need it
+
     apps = load_apps(args.app)
     data = args.data_dir
     server = EmbeddedServer(data, port=args.port)
     server.start()  # blocks the loop for the server's start-up only; nothing else runs yet
     try:
         worker = Worker(*apps, nats=server.url, namespace=args.namespace)
+        board = Dashboard(server.url, namespace=args.namespace, port=args.dashboard_port)
         cmd = _command()
         print(
             f"meshflow dev\n"
+            f"  dashboard    {board.url}\n"
             f"  nats-server  {server.url}  (JetStream data in {data})\n"
             f"  functions    {', '.join(sorted(f.full_id for a in apps for f in a.functions))}\n"
             f'  send events  {cmd} send user/signup --data \'{{"email": "a@b.c"}}\' --nats {server.url}\n'
@@ -104,10 +113,30 @@ async def _dev(args: argparse.Namespace) -> None:
             f"  Ctrl-C stops everything.",
             flush=True,
         )
-        await worker.serve()
+        web = asyncio.create_task(board.serve())
+        try:
+            await worker.serve()
+        finally:
+            board.stop()
+            await web
     finally:
         server.stop()
         print("meshflow dev stopped", flush=True)
+
+
+async def _dashboard(args: argparse.Namespace) -> None:
+    from dashboard import Auth, Dashboard
+
+    auth = Auth(token=args.token or None, username=args.user or None, password=args.password or None)
+    board = Dashboard(
+        args.nats.split(","), namespace=args.namespace, host=args.host, port=args.port, auth=auth
+    )
+    print(f"meshflow dashboard  {board.url}", flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, board.stop)
+    await board.serve()
 
 
 async def _send(args: argparse.Namespace) -> None:
@@ -166,7 +195,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4222, help="nats-server client port on 127.0.0.1")
     p.add_argument("--data", default=".meshflow", help="where the embedded server keeps its data")
     p.add_argument("--namespace", default=env_ns)
+    p.add_argument(
+        "--dashboard-port", type=int, default=DASHBOARD_PORT, help="the dashboard's port on 127.0.0.1"
+    )
     p.set_defaults(func=_dev)
+
+    p = sub.add_parser("dashboard", help="the web dashboard for a deployment")
+    common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs auth")
+    p.add_argument("--port", type=int, default=DASHBOARD_PORT)
+    p.add_argument(
+        "--token", default=os.environ.get("MESHFLOW_DASHBOARD_TOKEN"), help="env MESHFLOW_DASHBOARD_TOKEN"
+    )
+    p.add_argument(
+        "--user", default=os.environ.get("MESHFLOW_DASHBOARD_USER"), help="env MESHFLOW_DASHBOARD_USER"
+    )
+    p.add_argument(
+        "--password",
+        default=os.environ.get("MESHFLOW_DASHBOARD_PASSWORD"),
+        help="env MESHFLOW_DASHBOARD_PASSWORD",
+    )
+    p.set_defaults(func=_dashboard)
 
     p = sub.add_parser("send", help="send an event")
     p.add_argument("name", help="event name, like user/signup")

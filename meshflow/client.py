@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import Generator, Sequence
+from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any
 
 import msgspec
@@ -24,11 +24,11 @@ from .control import request_cancel
 from .cron import parse_cron
 from .durations import epoch_ms, from_ms, now_ms
 from .errors import EventError, MeshflowError, RunNotFoundError, RunTimeoutError
-from .events import Event, encode_event
+from .events import Event, decode_event, encode_event
 from .ids import is_ulid, new_ulid, run_id_for, ulid_time_ms
-from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names
-from .runs import NEVER, ErrorInfo, Pending, PendingKind, RunRecord, RunStatus, StepMemo
-from .store import FunctionInfo, Store
+from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names, kv_stream, kv_subject
+from .runs import NEVER, ErrorInfo, Pending, PendingKind, RunRecord, RunStatus, StepMemo, decode_run
+from .store import FunctionInfo, Store, WorkerInfo
 
 
 class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -64,6 +64,7 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     steps: list[StepInfo]
     parent_id: str | None = None  # an invoked run: the run whose step invoked it
     replay_of: str | None = None  # a replayed run: the run it replays
+    updated_at: int = 0
 
     @property
     def finished(self) -> bool:
@@ -170,6 +171,7 @@ class Client:
             steps=_steps(memos, record.pending),
             parent_id=record.parent.run_id if record.parent else None,
             replay_of=record.replay_of,
+            updated_at=record.updated_at,
         )
 
     async def wait_for_run(
@@ -278,6 +280,73 @@ class Client:
         start = epoch_ms(after) if after is not None else now_ms()
         crons = [parse_cron(c, what=f"function {function_id!r}") for c in info.crons]
         return [from_ms(c.next_after(start)) for c in crons]
+
+    async def list_runs(
+        self,
+        *,
+        before: int | None = None,
+        limit: int = 50,
+        status: RunStatus | None = None,
+        function_id: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        budget: int = 20_000,
+    ) -> tuple[list[Run], int | None]:
+        """Runs, most recently updated first, without their steps; and a cursor for the next page.
+
+        Pages backwards through the runs bucket's stream (``before`` is the cursor a previous
+        call returned). Filters are applied as it reads, and at most ``budget`` records are
+        examined per call: a rare filter may return a short page with a cursor to go on, never
+        a scan of every run.
+        """
+        low = epoch_ms(since) if since is not None else 0
+        high = epoch_ms(until) if until is not None else 2**62
+
+        def keep(data: bytes) -> bool:
+            record = decode_run(data)
+            return (
+                (status is None or record.status == status)
+                and (function_id is None or record.function == function_id)
+                and low <= record.created_at < high
+            )
+
+        stream = kv_stream(self.names.runs_bucket)
+        found, cursor = await self._store.newest(
+            stream,
+            kv_subject(self.names.runs_bucket, ">"),
+            before=before,
+            want=limit,
+            keep=keep,
+            budget=budget,
+        )
+        return [await self._view(decode_run(data), steps=False) for _, data in found], cursor
+
+    async def list_events(
+        self, *, before: int | None = None, limit: int = 50, name: str | None = None
+    ) -> tuple[list[tuple[int, Event]], int | None]:
+        """Events, newest first, with their stream sequence; and a cursor for the next page."""
+        subject = self.names.event_subject(name) if name else self.names.events_subjects
+        found, cursor = await self._store.newest(
+            self.names.events_stream, subject, before=before, want=limit, budget=max(limit * 4, 1000)
+        )
+        return [(seq, decode_event(data)) for seq, data in found], cursor
+
+    async def get_event(self, seq: int) -> Event | None:
+        """The event stored at this sequence of the events stream, or None."""
+        found, _ = await self._store.newest(
+            self.names.events_stream, self.names.events_subjects, before=seq + 1, want=1, budget=1
+        )
+        return decode_event(found[0][1]) if found and found[0][0] == seq else None
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The workers running now (each announces itself every 10 s)."""
+        return sorted(await self._store.list_workers(), key=lambda w: w.id)
+
+    async def watch_run(self, run_id: str) -> AsyncGenerator[Run, None]:
+        """Yield the run (without steps) now and each time its record changes."""
+        async with contextlib.aclosing(self._store.watch_run(run_id)) as records:
+            async for record in records:
+                yield await self._view(record, steps=False)
 
     async def runs_for_event(self, event_id: str) -> list[Run]:
         """The runs one event started, one per function it triggered (as far as they exist yet)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgspec
@@ -71,8 +71,34 @@ class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
     idempotency: str | None = None
 
 
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A live worker, as it announces itself in the registry (the entry expires when it stops)."""
+
+    v: int = 1
+    id: str
+    host: str
+    pid: int
+    functions: list[str]
+    started_at: int
+    seen_at: int
+
+
+class StreamState(msgspec.Struct, frozen=True):
+    """First and last sequence of a stream (what paging backwards needs)."""
+
+    messages: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+
+
+class _StreamInfo(msgspec.Struct, frozen=True):
+    state: StreamState = StreamState()
+
+
 _info_encoder = msgspec.json.Encoder()
 _info_decoder = msgspec.json.Decoder(FunctionInfo)
+_worker_decoder = msgspec.json.Decoder(WorkerInfo)
+_stream_info_decoder = msgspec.json.Decoder(_StreamInfo)
 
 
 class Store:
@@ -383,6 +409,62 @@ class Store:
             raise NatsError(f"cannot read events on {subject}: {exc!r}") from exc
         return [(int(headers.get("Nats-Sequence", "0")), data) for headers, data in msgs]
 
+    # --- reading streams backwards (newest first), for the dashboard ----------------------------
+    async def stream_state(self, stream: str) -> StreamState:
+        try:
+            msg = await self.requests.request(f"$JS.API.STREAM.INFO.{stream}", b"", None, _TIMEOUT)
+        except _READ_ERRORS as exc:
+            raise NatsError(f"cannot read stream {stream}: {exc!r}") from exc
+        return _stream_info_decoder.decode(msg.data).state
+
+    async def newest(
+        self,
+        stream: str,
+        subject: str,
+        *,
+        before: int | None,
+        want: int,
+        keep: Callable[[bytes], bool] = lambda _: True,
+        budget: int = 10_000,
+    ) -> tuple[list[tuple[int, bytes]], int | None]:
+        """The newest ``want`` messages on ``subject`` below sequence ``before`` that ``keep``
+        accepts, newest first, and the cursor for the next page (None: nothing older).
+
+        Reads windows of the stream backwards; at most ``budget`` messages are examined per call,
+        so a page with a rare filter costs a bounded read, never a scan of the whole stream (it
+        may then come back short, with a cursor to go on).
+        """
+        state = await self.stream_state(stream)
+        cursor = min(before or state.last_seq + 1, state.last_seq + 1)
+        found: list[tuple[int, bytes]] = []
+        examined = 0
+        window = max(want * 2, 64)
+        while cursor > state.first_seq and len(found) < want and examined < budget:
+            start = max(state.first_seq, cursor - window)
+            page: list[tuple[int, bytes]] = []
+            seq = start
+            while seq < cursor:
+                try:
+                    batch = await self.requests.direct_batch(
+                        stream, {"seq": seq, "next_by_subj": subject, "batch": min(_BATCH, cursor - seq)}
+                    )
+                except _READ_ERRORS as exc:
+                    raise NatsError(f"cannot read {stream}: {exc!r}") from exc
+                got = [(int(h.get("Nats-Sequence", "0")), d, h) for h, d in batch]
+                page.extend((n, d) for n, d, h in got if n < cursor and d and h.get(HDR_KV_OPERATION) is None)
+                if len(batch) < min(_BATCH, cursor - seq) or not got:
+                    break
+                seq = got[-1][0] + 1
+            examined += cursor - start
+            for n, data in reversed(page):
+                if keep(data):
+                    found.append((n, data))
+                    if len(found) == want:
+                        return found, n
+            cursor = start
+            window = min(window * 2, _BATCH * 4)
+        return found, (cursor if cursor > state.first_seq else None)
+
     # --- registry -----------------------------------------------------------------------------
     async def put_function(self, info: FunctionInfo) -> None:
         try:
@@ -398,6 +480,22 @@ class Store:
         if got is None or got[2]:
             return None
         return _info_decoder.decode(got[0])
+
+    async def put_worker(self, info: WorkerInfo, ttl_s: int) -> None:
+        """Announce a live worker; the entry expires ``ttl_s`` seconds after the last announcement."""
+        subject = kv_subject(self.names.registry_bucket, self.names.worker_key(info.id))
+        await self._publish_all([(subject, msgspec.json.encode(info), {HDR_TTL: f"{ttl_s}s"})], "worker")
+
+    async def drop_worker(self, worker_id: str) -> None:
+        """Remove a stopping worker's entry at once instead of letting it expire."""
+        subject = kv_subject(self.names.registry_bucket, self.names.worker_key(worker_id))
+        headers = {HDR_KV_OPERATION: "PURGE", HDR_ROLLUP: "sub", HDR_TTL: "60s"}
+        await self._publish_all([(subject, b"", headers)], "worker")
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """The workers that announced themselves recently."""
+        values = await self._last_values(self.names.registry_bucket, "worker.>")
+        return [_worker_decoder.decode(data) for data in values.values()]
 
     async def list_functions(self) -> list[FunctionInfo]:
         """Every function any worker has registered in this namespace."""

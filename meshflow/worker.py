@@ -57,13 +57,15 @@ from .runs import (
     StepMemo,
     finished_events,
 )
-from .store import FunctionInfo, RunConflict, Store
+from .store import FunctionInfo, RunConflict, Store, WorkerInfo
 from .timers import LocalTimers, WarmRun
 
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
 _TIMEOUT_KEYS = frozenset({"timeout", "start-timeout"})
 _DISCOVER_EVERY = 5.0
+_ANNOUNCE_EVERY = 10.0
+_ANNOUNCE_TTL_S = 30
 
 log = structlog.get_logger("meshflow.worker")
 
@@ -142,6 +144,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self.nc: Any = None
+        self._started_at = 0
         self.bus: Bus
         self.store: Store
 
@@ -188,6 +191,9 @@ class Worker:
                 await self.router.ensure_route(spec.event)
         await self.router.discover()
         self._loops.append(asyncio.create_task(self._discover_routes()))
+        self._started_at = now_ms()
+        await self._announce()
+        self._loops.append(asyncio.create_task(self._announce_loop()))
         await self.nc.subscribe(n.cancel_subjects, cb=self._on_cancel_signal)
         for fn in self.functions.values():
             for cron in fn.crons:
@@ -213,6 +219,9 @@ class Worker:
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
+        if self._started_at:
+            with contextlib.suppress(MeshflowError):
+                await self.store.drop_worker(self.id)
         if self.nc is not None:
             with contextlib.suppress(*NATS_ERRORS):
                 await self.nc.flush(timeout=5)
@@ -365,6 +374,26 @@ class Worker:
     async def _follow_route(self, event_name: str, token: str) -> None:
         sub = await self.bus.pull(self.names.events_stream, self.names.route_consumer(token))
         self._loops.append(asyncio.create_task(self._pull_loop(sub, f"route {event_name}", self._on_routed)))
+
+    async def _announce(self) -> None:
+        info = WorkerInfo(
+            id=self.id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            functions=sorted(self.functions),
+            started_at=self._started_at,
+            seen_at=now_ms(),
+        )
+        await self.store.put_worker(info, ttl_s=_ANNOUNCE_TTL_S)
+
+    async def _announce_loop(self) -> None:
+        """Keep this worker listed in the registry (for the dashboard) while it runs."""
+        while not self._stopping.is_set():
+            await asyncio.sleep(_ANNOUNCE_EVERY)
+            try:
+                await self._announce()
+            except MeshflowError as exc:
+                log.warning("could not announce the worker", error=str(exc))
 
     async def _discover_routes(self) -> None:
         """Pick up, every few seconds, the event names runs on other workers started waiting for.

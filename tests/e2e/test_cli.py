@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from meshflow.testing import wait_until
@@ -36,12 +37,15 @@ def meshflow(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 async def test_dev_serves_the_examples_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    port = free_port()
+    port, web = free_port(), free_port()
     url = f"nats://127.0.0.1:{port}"
     log = tmp_path / "dev.log"
     with log.open("w") as out:
         dev = subprocess.Popen(
-            [sys.executable, "-m", "meshflow", "dev", "--port", str(port), "--data", str(tmp_path / "data")],
+            [
+                *(sys.executable, "-m", "meshflow", "dev", "--port", str(port), "--dashboard-port", str(web)),
+                *("--data", str(tmp_path / "data")),
+            ],
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -50,6 +54,7 @@ async def test_dev_serves_the_examples_and_stops_cleanly_on_ctrl_c(tmp_path: Pat
     try:
         await wait_until(lambda: "worker started" in log.read_text(), timeout=30, message="dev stack is up")
         assert f"nats-server  {url}" in log.read_text()
+        assert f"dashboard    http://127.0.0.1:{web}" in log.read_text()
 
         sent = meshflow("send", "user/signup", "--data", '{"email": "ada@example.com"}', "--nats", url)
         assert sent.returncode == 0, sent.stderr
@@ -69,6 +74,10 @@ async def test_dev_serves_the_examples_and_stops_cleanly_on_ctrl_c(tmp_path: Pat
             return shown.returncode == 0 and json.loads(shown.stdout)["status"] == "sleeping"
 
         await wait_until(signup_sleeping, timeout=30, message="the signup run sleeps for 3 days")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{web}") as http:
+            page = await http.get(f"/runs/{process_signup.run_id_for(event_id)}")
+        assert page.status_code == 200
+        assert "wait-for-onboarding" in page.text
 
         cancelled = meshflow("cancel", process_signup.run_id_for(event_id), "--nats", url)
         assert cancelled.returncode == 0, cancelled.stderr

@@ -1,0 +1,65 @@
+"""The dashboard's Starlette app: pages, the JSON API, static files, all behind `security.Guard`.
+
+It reads and acts only through meshflow's public client (`meshflow.connect`), never through the
+worker or the engine, so it runs against any deployment: ``meshflow dashboard --nats URL``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+import meshflow
+
+from . import api, views
+from .common import templates
+from .security import Auth, Guard
+
+HERE = Path(__file__).parent
+
+
+def create_app(
+    nats: str | Sequence[str] = "nats://127.0.0.1:4222",
+    *,
+    namespace: str = "mf",
+    auth: Auth | None = None,
+    client: meshflow.Client | None = None,
+) -> Guard:
+    """The dashboard as an ASGI app.
+
+    Args:
+        nats: the NATS server URL(s) of the deployment to show.
+        namespace: its namespace.
+        auth: who may sign in (`Auth`); none means open to whoever reaches it (bind loopback only).
+        client: an already connected client to use instead of connecting (tests).
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if client is not None:
+            app.state.client = client
+            yield
+            return
+        async with meshflow.connect(nats, namespace=namespace) as connected:
+            app.state.client = connected
+            yield
+
+    app = Starlette(
+        routes=[
+            *views.routes(),
+            Mount("/api", routes=api.routes()),
+            Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+            Route("/healthz", views.healthz),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.templates = templates()
+    app.state.namespace = namespace
+    if client is not None:
+        app.state.client = client
+    return Guard(app, auth or Auth())

@@ -1,0 +1,193 @@
+"""The dashboard's pages, API and guards, in-process (httpx against the ASGI app), over a real
+nats-server with real runs."""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+import meshflow
+from dashboard import Auth, Dashboard, create_app
+from meshflow.server import EmbeddedServer
+
+XSS = '<script>alert("x")</script>"><img src=x onerror=alert(1)>'
+
+
+def demo_app() -> tuple[meshflow.App, meshflow.Function, meshflow.Function]:
+    app = meshflow.App("demo")
+
+    @app.function("greet", trigger="demo/greet", retries=0)
+    async def greet(ctx: meshflow.Context) -> dict[str, Any]:
+        text = await ctx.step.run("compose", lambda: f"hello {ctx.event.data['who']}")
+        if ctx.event.data.get("fail"):
+            await ctx.step.run("explode", _explode)
+        return {"text": text}
+
+    @app.function("nap", trigger="demo/nap")
+    async def nap(ctx: meshflow.Context) -> None:
+        await ctx.step.sleep("long", "1h")
+
+    return app, greet, nap
+
+
+def _explode() -> None:
+    raise ValueError("boom <b>bold</b>")
+
+
+@pytest.fixture
+async def web(client: meshflow.Client) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(client=client))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+        yield http
+
+
+def csrf_of(page: httpx.Response) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found is not None
+    return found.group(1)
+
+
+async def test_runs_run_detail_events_functions_and_workers_pages_show_real_runs(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client, web: httpx.AsyncClient
+) -> None:
+    app, greet, _ = demo_app()
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace, worker_id="w-dash"):
+        ok = meshflow.Event(name="demo/greet", data={"who": "ann"})
+        bad = meshflow.Event(name="demo/greet", data={"who": "bob", "fail": True})
+        await client.send([ok, bad])
+        done = await client.wait_for_run(greet.run_id_for(ok))
+        failed = await client.wait_for_run(greet.run_id_for(bad))
+
+        runs = await web.get("/runs")
+        assert runs.status_code == 200
+        assert done.id in runs.text
+        assert failed.id in runs.text
+        only_failed = await web.get("/runs", params={"status": "failed"})
+        assert failed.id in only_failed.text
+        assert done.id not in only_failed.text
+        by_event = await web.get("/runs", params={"q": ok.id})
+        assert done.id in by_event.text
+        assert failed.id not in by_event.text
+
+        detail = await web.get(f"/runs/{failed.id}")
+        assert detail.status_code == 200
+        assert "compose" in detail.text
+        assert "explode" in detail.text
+        assert "ValueError: boom &lt;b&gt;bold&lt;/b&gt;" in detail.text  # the error, escaped
+
+        events = await web.get("/events")
+        assert ok.id in events.text
+        functions = await web.get("/functions")
+        assert "demo-greet" in functions.text
+        assert "demo/greet" in functions.text
+        workers = await web.get("/workers")
+        assert "w-dash" in workers.text
+
+        api_runs = (await web.get("/api/runs", params={"function": "demo-greet"})).json()
+        assert {r["id"] for r in api_runs["runs"]} == {done.id, failed.id}
+        api_run = (await web.get(f"/api/runs/{done.id}")).json()
+        assert api_run["output"] == {"text": "hello ann"}
+        assert [s["id"] for s in api_run["steps"]] == ["compose"]
+        assert (await web.get("/api/runs/nope")).status_code == 404
+        assert (await web.get("/api/runs", params={"status": "weird"})).status_code == 400
+        spec = (await web.get("/api/openapi.json")).json()
+        assert "/api/runs/{run_id}/cancel" in spec["paths"]
+
+
+async def test_event_and_step_data_render_inert(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client, web: httpx.AsyncClient
+) -> None:
+    app, greet, _ = demo_app()
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        event = meshflow.Event(name="demo/greet", data={"who": XSS})
+        await client.send(event)
+        run = await client.wait_for_run(greet.run_id_for(event))
+        pages = [await web.get(f"/runs/{run.id}"), await web.get("/events"), await web.get("/runs")]
+    for page in pages:
+        assert "<script>alert" not in page.text
+        assert "<img src=x" not in page.text
+        assert "onerror=alert(1)>" not in page.text.replace("&gt;", "")  # only ever as escaped text
+    assert "&lt;script&gt;alert" in pages[0].text
+    assert "script-src 'self'" in pages[0].headers["content-security-policy"]
+
+
+async def test_a_post_without_the_csrf_token_is_refused_and_with_it_cancels_and_replays(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client, web: httpx.AsyncClient
+) -> None:
+    app, _, nap = demo_app()
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        event = meshflow.Event(name="demo/nap")
+        await client.send(event)
+        run_id = nap.run_id_for(event)
+        await client.wait_for_run(run_id, until=meshflow.RunStatus.SLEEPING)
+
+        refused = await web.post(f"/runs/{run_id}/cancel")
+        assert refused.status_code == 403
+        token = csrf_of(await web.get(f"/runs/{run_id}"))
+        forged = await web.post(f"/runs/{run_id}/cancel", data={"csrf_token": "not-the-cookie"})
+        assert forged.status_code == 403
+        assert (await client.get_run(run_id)).status is meshflow.RunStatus.SLEEPING
+
+        cancelled = await web.post(f"/runs/{run_id}/cancel", data={"csrf_token": token})
+        assert cancelled.status_code == 303
+        run = await client.wait_for_run(run_id)
+        assert run.status is meshflow.RunStatus.CANCELLED
+
+        replayed = await web.post(f"/api/runs/{run_id}/replay", headers={"x-csrf-token": token})
+        assert replayed.status_code == 201
+        again = await client.wait_for_run(replayed.json()["run_id"], until=meshflow.RunStatus.SLEEPING)
+        assert again.replay_of == run_id
+        await client.cancel(again.id)
+
+
+async def test_sending_an_event_from_the_form_validates_it(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client, web: httpx.AsyncClient
+) -> None:
+    app, greet, _ = demo_app()
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        token = csrf_of(await web.get("/send"))
+        bad_json = await web.post("/send", data={"csrf_token": token, "name": "demo/greet", "data": "{nope"})
+        assert bad_json.status_code == 400
+        assert "not JSON" in bad_json.text
+        bad_name = await web.post("/send", data={"csrf_token": token, "name": "demo greet", "data": "{}"})
+        assert bad_name.status_code == 400
+        assert "invalid event name" in bad_name.text
+        sent = await web.post(
+            "/send", data={"csrf_token": token, "name": "demo/greet", "data": '{"who": "cy"}'}
+        )
+        assert sent.status_code == 303
+        event_id = sent.headers["location"].rsplit("=", 1)[1]
+        run = await client.wait_for_run(greet.run_id_for(event_id))
+    assert run.output == {"text": "hello cy"}
+
+
+async def test_with_auth_configured_every_page_needs_credentials(
+    client: meshflow.Client,
+) -> None:
+    auth = Auth(token="s3cret", username="ops", password="pw")
+    transport = httpx.ASGITransport(app=create_app(client=client, auth=auth))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+        assert (await http.get("/runs")).status_code == 401
+        assert (await http.get("/api/runs", headers={"authorization": "Bearer wrong"})).status_code == 401
+        assert (await http.get("/api/runs", headers={"authorization": "Bearer s3cret"})).status_code == 200
+        basic = base64.b64encode(b"ops:pw").decode()
+        assert (await http.get("/runs", headers={"authorization": f"Basic {basic}"})).status_code == 200
+        # a bearer token is never sent by a browser on its own: no CSRF token needed
+        sent = await http.post(
+            "/api/events",
+            json={"name": "demo/greet", "data": {"who": "api"}},
+            headers={"authorization": "Bearer s3cret"},
+        )
+        assert sent.status_code == 201
+
+
+def test_binding_a_public_address_without_auth_is_refused() -> None:
+    with pytest.raises(meshflow.ConfigError, match="without authentication"):
+        Dashboard("nats://127.0.0.1:4222", host="0.0.0.0")  # noqa: S104 - the point of the test
+    Dashboard("nats://127.0.0.1:4222", host="0.0.0.0", auth=Auth(token="t"))  # noqa: S104
+    Dashboard("nats://127.0.0.1:4222", host="::1")
