@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 import meshflow
 
-from . import api, views
+from . import api, metrics, views
 from .common import templates
 from .security import Auth, Guard
 
@@ -41,12 +41,13 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if client is not None:
-            app.state.client = client
-            yield
-            return
-        async with meshflow.connect(nats, namespace=namespace) as connected:
-            app.state.client = connected
+        async with contextlib.AsyncExitStack() as stack:
+            if client is None:
+                app.state.client = await stack.enter_async_context(
+                    meshflow.connect(nats, namespace=namespace)
+                )
+            app.state.metrics.start(app.state.client)
+            stack.push_async_callback(app.state.metrics.stop)
             yield
 
     app = Starlette(
@@ -55,10 +56,12 @@ def create_app(
             Mount("/api", routes=api.routes()),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
             Route("/healthz", views.healthz),
+            Route("/metrics", metrics.endpoint),
         ],
         lifespan=lifespan,
     )
     app.state.templates = templates()
+    app.state.metrics = metrics.Metrics()
     app.state.namespace = namespace
     if client is not None:
         app.state.client = client

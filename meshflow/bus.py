@@ -13,8 +13,9 @@ nats-py errors never leave this module: they become `NatsError` (or `EventError`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import msgspec
@@ -447,6 +448,15 @@ class Bus:
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot bind consumer {consumer} on {stream}: {exc!r}") from exc
 
+    async def follow(self, subject: str) -> Following:
+        """Every message stored on ``subject`` from now on (an ordered consumer, subscribed when
+        this returns); iterate it for their data, close it when done."""
+        try:
+            sub = await self.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot follow {subject}: {exc!r}") from exc
+        return Following(sub)
+
     # --- publishing ---------------------------------------------------------------------------
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> PubAck:
         """Publish to a stream and wait for its ack; `NatsError` if it is not stored in time.
@@ -548,6 +558,24 @@ class Bus:
             HDR_SCHEDULE_TTL: str(int(RUN_MESSAGE_TTL.total_seconds())),
         }
         await self.publish(self.names.timer_subject(run_id, key), _run_msg_encoder.encode(msg), headers)
+
+
+class Following:
+    """The messages of a subject from some point on; see `Bus.follow`."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    async def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        try:
+            async for msg in self._sub.messages:
+                yield msg.data
+        except NATS_ERRORS as exc:
+            raise NatsError(f"following {self._sub.subject} failed: {exc!r}") from exc
+
+    async def close(self) -> None:
+        with contextlib.suppress(*NATS_ERRORS):
+            await self._sub.unsubscribe()
 
 
 def _minimal_subjects(subjects: list[str]) -> list[str]:

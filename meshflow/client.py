@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from .bus import NATS_ERRORS, Bus, RunMessage, open_nats
+from .bus import NATS_ERRORS, Bus, Following, RunMessage, open_nats
 from .codec import decode_value
 from .control import request_cancel
 from .cron import parse_cron
@@ -341,6 +341,44 @@ class Client:
     async def workers(self) -> list[WorkerInfo]:
         """The workers running now (each announces itself every 10 s)."""
         return sorted(await self._store.list_workers(), key=lambda w: w.id)
+
+    async def backlog(self, function_id: str) -> dict[str, tuple[int, int]]:
+        """For a function's consumers ("events", "runs"): messages waiting to be delivered and
+        messages delivered but not yet acknowledged."""
+        info = await self._store.get_function(function_id)
+        if info is None:
+            raise MeshflowError(f"no worker has registered function {function_id!r}")
+        n = self.names
+        out: dict[str, tuple[int, int]] = {}
+        for label, stream, consumer in (
+            ("events", n.events_stream, n.trigger_consumer(info.app, info.id)),
+            ("runs", n.runs_stream, n.run_consumer(info.app, info.id)),
+        ):
+            state = await self._store.consumer_backlog(stream, consumer)
+            if state is not None:
+                out[label] = state
+        return out
+
+    async def follow_events(self, name: str) -> AsyncGenerator[Event, None]:
+        """The events named ``name`` sent from the moment this returns (its subscription is
+        made before it returns, so nothing sent afterwards is missed)."""
+        following = await self._bus.follow(self.names.event_subject(name))
+        return self._events_of(following, name)
+
+    @staticmethod
+    async def _events_of(following: Following, name: str) -> AsyncGenerator[Event, None]:
+        try:
+            async for data in following:
+                with contextlib.suppress(msgspec.DecodeError):
+                    event = decode_event(data)
+                    if event.name == name:
+                        yield event
+        finally:
+            await following.close()
+
+    async def step_memos(self, run_id: str) -> list[StepInfo]:
+        """A run's committed steps (no pending ones), in execution order."""
+        return _steps(await self._store.load_memos(run_id), [])
 
     async def watch_run(self, run_id: str) -> AsyncGenerator[Run, None]:
         """Yield the run (without steps) now and each time its record changes."""

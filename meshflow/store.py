@@ -95,6 +95,13 @@ class _StreamInfo(msgspec.Struct, frozen=True):
     state: StreamState = StreamState()
 
 
+class _ConsumerInfo(msgspec.Struct, frozen=True):
+    num_pending: int = 0
+    num_ack_pending: int = 0
+    error: dict[str, Any] | None = None
+
+
+_consumer_info_decoder = msgspec.json.Decoder(_ConsumerInfo)
 _info_encoder = msgspec.json.Encoder()
 _info_decoder = msgspec.json.Decoder(FunctionInfo)
 _worker_decoder = msgspec.json.Decoder(WorkerInfo)
@@ -464,6 +471,19 @@ class Store:
             cursor = start
             window = min(window * 2, _BATCH * 4)
         return found, (cursor if cursor > state.first_seq else None)
+
+    async def consumer_backlog(self, stream: str, consumer: str) -> tuple[int, int] | None:
+        """(messages not yet delivered, delivered but not acknowledged) of a consumer, or None."""
+        try:
+            msg = await self.requests.request(
+                f"$JS.API.CONSUMER.INFO.{stream}.{consumer}", b"", None, _TIMEOUT
+            )
+        except _READ_ERRORS as exc:
+            raise NatsError(f"cannot read consumer {consumer}: {exc!r}") from exc
+        info = _consumer_info_decoder.decode(msg.data)
+        if info.error is not None:
+            return None
+        return info.num_pending, info.num_ack_pending
 
     # --- registry -----------------------------------------------------------------------------
     async def put_function(self, info: FunctionInfo) -> None:

@@ -3,6 +3,7 @@ nats-server with real runs."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import pytest
 import meshflow
 from dashboard import Auth, Dashboard, create_app
 from meshflow.server import EmbeddedServer
+from meshflow.testing import wait_until
 
 XSS = '<script>alert("x")</script>"><img src=x onerror=alert(1)>'
 
@@ -191,3 +193,37 @@ def test_binding_a_public_address_without_auth_is_refused() -> None:
         Dashboard("nats://127.0.0.1:4222", host="0.0.0.0")  # noqa: S104 - the point of the test
     Dashboard("nats://127.0.0.1:4222", host="0.0.0.0", auth=Auth(token="t"))  # noqa: S104
     Dashboard("nats://127.0.0.1:4222", host="::1")
+
+
+async def test_metrics_count_finished_runs_and_steps_and_show_backlogs(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app, greet, _ = demo_app()
+    board = create_app(client=client)
+    board.app.state.metrics.start(client)  # what the lifespan does when uvicorn serves it
+    transport = httpx.ASGITransport(app=board)
+    try:
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http,
+            meshflow.Worker(app, nats=nats_server.url, namespace=namespace),
+        ):
+            await asyncio.wait_for(board.app.state.metrics.following.wait(), 5)
+            event = meshflow.Event(name="demo/greet", data={"who": "m"})
+            await client.send(event)
+            await client.wait_for_run(greet.run_id_for(event))
+
+            async def scraped() -> str | None:
+                text = (await http.get("/metrics")).text
+                return (
+                    text
+                    if 'meshflow_runs_finished_total{function="demo-greet",status="completed"} 1.0' in text
+                    else None
+                )
+
+            text = await wait_until(scraped, timeout=10)
+    finally:
+        await board.app.state.metrics.stop()
+    assert 'meshflow_steps_total{function="demo-greet",kind="run",status="completed"} 1.0' in text
+    assert 'meshflow_step_duration_seconds_count{function="demo-greet",kind="run"} 1.0' in text
+    assert 'meshflow_consumer_pending{consumer="events",function="demo-greet"} 0.0' in text
+    assert "meshflow_workers 1.0" in text

@@ -1,0 +1,133 @@
+"""``/metrics`` in the Prometheus text format, labelled by function.
+
+Two kinds of figures:
+
+- counted as runs finish, from the ``meshflow/function.finished`` events the dashboard follows
+  from its start (counters restart with the dashboard, as Prometheus expects):
+  ``meshflow_runs_finished_total{function,status}``, ``meshflow_steps_total{function,kind,status}``
+  and ``meshflow_step_duration_seconds{function,kind}`` (a histogram);
+- read at scrape time: ``meshflow_consumer_pending{function,consumer}`` and
+  ``meshflow_consumer_ack_pending{function,consumer}`` (the backlog of each function's events
+  and runs consumers), ``meshflow_workers`` and ``meshflow_recent_runs{function,status}`` (the
+  statuses of the most recently updated runs, a bounded sample).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+
+import meshflow
+
+log = structlog.get_logger("meshflow.dashboard")
+
+_RECENT = 2000
+FINISHED = "meshflow/function.finished"
+
+
+class Metrics:
+    """The counters fed by finished runs, and the scrape-time gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.runs = Counter(
+            "meshflow_runs_finished",
+            "Runs that ended, by status",
+            ["function", "status"],
+            registry=self.registry,
+        )
+        self.steps = Counter(
+            "meshflow_steps",
+            "Steps of ended runs, by kind and status",
+            ["function", "kind", "status"],
+            registry=self.registry,
+        )
+        self.durations = Histogram(
+            "meshflow_step_duration_seconds",
+            "How long steps of ended runs took (a sleep or wait counts its time suspended)",
+            ["function", "kind"],
+            buckets=(0.005, 0.025, 0.1, 0.5, 1, 5, 30, 60, 600, 3600, 86400),
+            registry=self.registry,
+        )
+        self._task: asyncio.Task[None] | None = None
+        self.following = asyncio.Event()  # set once runs finishing from now on are counted
+
+    def start(self, client: meshflow.Client) -> None:
+        self._task = asyncio.create_task(self._follow(client))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self, client: meshflow.Client) -> None:
+        while True:
+            try:
+                events = await client.follow_events(FINISHED)
+                self.following.set()
+                async for event in events:
+                    await self._count(client, event)
+            except meshflow.MeshflowError as exc:
+                log.warning("metrics: following finished runs failed; retrying", error=str(exc))
+                await asyncio.sleep(1)
+
+    async def _count(self, client: meshflow.Client, event: meshflow.Event) -> None:
+        function = str(event.data.get("function_id", ""))
+        self.runs.labels(function, str(event.data.get("status", ""))).inc()
+        run_id = event.data.get("run_id")
+        if not isinstance(run_id, str):
+            return
+        for step in await client.step_memos(run_id):
+            self.steps.labels(function, step.kind, step.status).inc()
+            if step.started_at and step.ended_at:
+                self.durations.labels(function, step.kind).observe((step.ended_at - step.started_at) / 1000)
+
+    async def render(self, client: meshflow.Client) -> bytes:
+        scrape = CollectorRegistry()
+        pending = Gauge(
+            "meshflow_consumer_pending",
+            "Messages not yet delivered",
+            ["function", "consumer"],
+            registry=scrape,
+        )
+        acking = Gauge(
+            "meshflow_consumer_ack_pending",
+            "Messages delivered, not yet acknowledged",
+            ["function", "consumer"],
+            registry=scrape,
+        )
+        recent = Gauge(
+            "meshflow_recent_runs",
+            f"Statuses of the {_RECENT} most recently updated runs",
+            ["function", "status"],
+            registry=scrape,
+        )
+        workers = Gauge("meshflow_workers", "Workers running now", registry=scrape)
+        for info in await client.functions():
+            for consumer, (waiting, unacked) in (await client.backlog(info.full_id)).items():
+                pending.labels(info.full_id, consumer).set(waiting)
+                acking.labels(info.full_id, consumer).set(unacked)
+        runs, _ = await client.list_runs(limit=_RECENT, budget=_RECENT)
+        for run in runs:
+            recent.labels(run.function_id, run.status.value).inc()
+        workers.set(len(await client.workers()))
+        return generate_latest(self.registry) + generate_latest(scrape)
+
+
+async def endpoint(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    body = await metrics.render(request.app.state.client)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
