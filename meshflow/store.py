@@ -69,6 +69,8 @@ class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
     filters: dict[str, str] = msgspec.field(default_factory=dict)  # trigger -> its if_
     cancel_on: list[str] = msgspec.field(default_factory=list)  # event names that cancel a run
     idempotency: str | None = None
+    start_timeout_ms: int | None = None
+    finish_timeout_ms: int | None = None
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -174,6 +174,8 @@ class Worker:
                     filters={p: e.source for p, e in fn.filters if e is not None},
                     cancel_on=[c.event for c in fn.cancel_on],
                     idempotency=fn.idempotency.source if fn.idempotency else None,
+                    start_timeout_ms=fn.start_timeout_ms,
+                    finish_timeout_ms=fn.finish_timeout_ms,
                 )
             )
         n = self.names

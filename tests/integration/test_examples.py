@@ -37,3 +37,23 @@ async def test_the_digest_example_makes_one_digest_per_user_and_week(
         duplicate = await client.runs_for_event(again.id)
     assert run.output == {"user": "ann", "summary": "3 new things for ann"}
     assert duplicate == []
+
+
+async def test_the_csv_example_imports_every_chunk_once_despite_a_flaky_crm(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    from examples import csv_import
+
+    fast = meshflow.Retry(retries=3, backoff=("50ms",))
+    app = meshflow.App("imports")
+    app.function("import-csv", trigger="csv/uploaded", retries=fast)(csv_import.import_csv.handler)
+    [fn] = app.functions
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        upload = meshflow.Event(
+            name="csv/uploaded", data={"name": "c.csv", "csv": "email,name\na@b.c,Ann\nb@c.d,Bob\nc@d.e,Cy"}
+        )
+        await client.send(upload)
+        run = await client.wait_for_run(fn.run_id_for(upload), timeout=20)
+    assert run.output == {"file": "c.csv", "rows": 3}
+    chunks = [s for s in run.steps if s.id == "import-chunk"]
+    assert [s.attempts for s in chunks] == [2, 2]
