@@ -24,7 +24,7 @@ from .control import request_cancel
 from .cron import parse_cron
 from .durations import epoch_ms, from_ms, now_ms
 from .errors import EventError, MeshflowError, RunNotFoundError, RunTimeoutError
-from .events import Event, decode_event, encode_event
+from .events import Event, decode_event, encode_event, validate_event_name
 from .ids import is_ulid, new_ulid, run_id_for, ulid_time_ms
 from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names, kv_stream, kv_subject
 from .runs import NEVER, ErrorInfo, Pending, PendingKind, RunRecord, RunStatus, StepMemo, decode_run
@@ -325,6 +325,8 @@ class Client:
         self, *, before: int | None = None, limit: int = 50, name: str | None = None
     ) -> tuple[list[tuple[int, Event]], int | None]:
         """Events, newest first, with their stream sequence; and a cursor for the next page."""
+        if name is not None:
+            validate_event_name(name)
         subject = self.names.event_subject(name) if name else self.names.events_subjects
         found, cursor = await self._store.newest(
             self.names.events_stream, subject, before=before, want=limit, budget=max(limit * 4, 1000)

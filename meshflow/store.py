@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -48,6 +49,7 @@ class _WrongRevision(Exception):
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
 _TIMEOUT = 10.0
+_KEY = re.compile(r"[-/_=.a-zA-Z0-9]{1,256}")  # what a KV key may hold
 _READ_ERRORS: tuple[type[BaseException], ...] = (ApiError, *NATS_ERRORS)
 _WATCH_POLL_FIRST = 0.05
 _WATCH_POLL_MAX = 1.0
@@ -219,6 +221,8 @@ class Store:
     # --- runs ---------------------------------------------------------------------------------
     async def get_run(self, run_id: str) -> tuple[RunRecord, int] | None:
         """The run record and its revision, or None."""
+        if not _KEY.fullmatch(run_id):  # not a key we could have written: it never reaches a subject
+            return None
         got = await self._get(self.names.runs_bucket, run_id, f"run {run_id}")
         if got is None or got[2]:
             return None

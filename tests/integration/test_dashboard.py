@@ -227,3 +227,12 @@ async def test_metrics_count_finished_runs_and_steps_and_show_backlogs(
     assert 'meshflow_step_duration_seconds_count{function="demo-greet",kind="run"} 1.0' in text
     assert 'meshflow_consumer_pending{consumer="events",function="demo-greet"} 0.0' in text
     assert "meshflow_workers 1.0" in text
+
+
+async def test_odd_ids_and_names_in_urls_are_not_found_not_errors(web: httpx.AsyncClient) -> None:
+    for path in ("/runs/a%20b", "/runs/a.%3E", "/api/runs/*", "/runs?q=x%20y%20>"):
+        page = await web.get(path)
+        assert page.status_code in (200, 404), path
+    assert (await web.get("/events", params={"name": "a b"})).status_code == 400
+    assert (await web.get("/api/events", params={"name": "a.>"})).status_code == 400
+    assert (await web.get("/healthz")).status_code == 200
