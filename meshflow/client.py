@@ -112,8 +112,9 @@ def _steps(memos: dict[str, StepMemo], pending: list[Pending]) -> list[StepInfo]
                 child_run_id=p.invoke.run_id if p.invoke else None,
             )
         )
-    # In execution order: by start, then by end (a step still pending ends last), then by id.
-    return sorted(out, key=lambda s: (s.started_at or 0, s.ended_at or 2**63, s.id))
+    # In execution order: by start, then by end (a step still pending ends last); steps within
+    # the same millisecond keep the order they were committed in (memos load in stream order).
+    return sorted(out, key=lambda s: (s.started_at or 0, s.ended_at or 2**63))
 
 
 class Client:
