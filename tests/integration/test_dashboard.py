@@ -236,3 +236,40 @@ async def test_odd_ids_and_names_in_urls_are_not_found_not_errors(web: httpx.Asy
     assert (await web.get("/events", params={"name": "a b"})).status_code == 400
     assert (await web.get("/api/events", params={"name": "a.>"})).status_code == 400
     assert (await web.get("/healthz")).status_code == 200
+
+
+async def test_bulk_replay_of_failed_runs_and_bulk_cancel(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client, web: httpx.AsyncClient
+) -> None:
+    app, greet, nap = demo_app()
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        failing = [meshflow.Event(name="demo/greet", data={"who": f"f{i}", "fail": True}) for i in range(3)]
+        fine = meshflow.Event(name="demo/greet", data={"who": "ok"})
+        naps = [meshflow.Event(name="demo/nap") for _ in range(2)]
+        await client.send([*failing, fine, *naps])
+        for e in [*failing, fine]:
+            await client.wait_for_run(greet.run_id_for(e))
+        for e in naps:
+            await client.wait_for_run(nap.run_id_for(e), until=meshflow.RunStatus.SLEEPING)
+        token = csrf_of(await web.get("/runs"))
+
+        replayed = await web.post(
+            "/runs/bulk", data={"csrf_token": token, "action": "replay", "function": "demo-greet"}
+        )
+        assert replayed.status_code == 200
+        assert "Bulk replay: 3 runs of demo-greet" in replayed.text
+        new_ids = re.findall(r'href="/runs/([0-9A-Z]{26})"', replayed.text)
+        assert len(new_ids) == 3
+        originals = {greet.run_id_for(e) for e in failing}
+        assert {(await client.wait_for_run(r)).replay_of for r in new_ids} == originals
+
+        cancelled = await web.post(
+            "/runs/bulk", data={"csrf_token": token, "action": "cancel", "function": "demo-nap"}
+        )
+        assert "Bulk cancel: 2 runs of demo-nap" in cancelled.text
+        for e in naps:
+            assert (await client.wait_for_run(nap.run_id_for(e))).status is meshflow.RunStatus.CANCELLED
+        bad = await web.post(
+            "/runs/bulk", data={"csrf_token": token, "action": "explode", "function": "demo-nap"}
+        )
+        assert bad.status_code == 400
