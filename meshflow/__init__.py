@@ -18,6 +18,13 @@ from .errors import RunTimeoutError as RunTimeoutError
 from .errors import SerializationError as SerializationError
 from .errors import StepError as StepError
 from .events import Event as Event
+from .flow.config import Batch as Batch
+from .flow.config import Concurrency as Concurrency
+from .flow.config import Debounce as Debounce
+from .flow.config import Priority as Priority
+from .flow.config import RateLimit as RateLimit
+from .flow.config import Singleton as Singleton
+from .flow.config import Throttle as Throttle
 from .functions import App as App
 from .functions import Cancel as Cancel
 from .functions import Function as Function
@@ -33,10 +40,13 @@ from .worker import Worker as Worker
 
 __all__ = [
     "App",
+    "Batch",
     "Cancel",
     "Client",
+    "Concurrency",
     "ConfigError",
     "Context",
+    "Debounce",
     "DurationError",
     "Event",
     "EventError",
@@ -46,6 +56,8 @@ __all__ = [
     "NestedStepError",
     "NonDeterminismError",
     "NonRetriableError",
+    "Priority",
+    "RateLimit",
     "Retry",
     "RetryAfterError",
     "Run",
@@ -53,9 +65,11 @@ __all__ = [
     "RunStatus",
     "RunTimeoutError",
     "SerializationError",
+    "Singleton",
     "Step",
     "StepError",
     "StepInfo",
+    "Throttle",
     "Timeouts",
     "TriggerCron",
     "TriggerEvent",

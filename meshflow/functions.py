@@ -20,6 +20,8 @@ from .durations import parse_duration, to_ms
 from .errors import ConfigError, EventError
 from .events import Event, validate_event_name
 from .expressions import Expression, compile_expression, compile_match
+from .flow.config import Batch, Concurrency, Debounce, FlowSpec, Priority, RateLimit, Singleton, Throttle
+from .flow.config import check as check_flow
 from .ids import is_ulid, run_id_for, ulid_time_ms, validate_id
 from .names import EVENT_FUNCTION_FAILED
 from .retries import Retry, retry_policy
@@ -180,6 +182,7 @@ class Function:
     start_timeout_ms: int | None = None
     finish_timeout_ms: int | None = None
     idempotency: Expression | None = None
+    flow: FlowSpec = field(default_factory=FlowSpec)
     _meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -239,6 +242,13 @@ class App:
         cancel_on: Sequence[Cancel] = (),
         timeouts: Timeouts | None = None,
         idempotency: str | None = None,
+        concurrency: Concurrency | Sequence[Concurrency] | None = None,
+        throttle: Throttle | None = None,
+        rate_limit: RateLimit | None = None,
+        debounce: Debounce | None = None,
+        batch: Batch | None = None,
+        priority: Priority | None = None,
+        singleton: Singleton | None = None,
     ) -> Callable[[Handler], Function]:
         """Register an async function ``fn(ctx)`` that runs for every matching event.
 
@@ -256,6 +266,8 @@ class App:
             timeouts: cancel runs not started or not finished in time (`Timeouts`).
             idempotency: a CEL expression over ``event`` (like ``"event.data.userId"``): at most
                 one run per value of it in 24 hours.
+            concurrency, throttle, rate_limit, debounce, batch, priority, singleton: flow
+                control (``meshflow.Concurrency`` ...; see ``docs/flow-control.md``).
         """
         fn_id = validate_id(id, what="function id")
         policy = retry_policy(retries, what=f"function {fn_id!r}")
@@ -275,6 +287,18 @@ class App:
             )
         start_ms = _timeout_ms(timeouts.start if timeouts else None, f"function {fn_id!r} timeouts.start")
         finish_ms = _timeout_ms(timeouts.finish if timeouts else None, f"function {fn_id!r} timeouts.finish")
+        flow = check_flow(
+            fn_id,
+            concurrency=concurrency,
+            throttle=throttle,
+            rate_limit=rate_limit,
+            debounce=debounce,
+            batch=batch,
+            priority=priority,
+            singleton=singleton,
+            has_idempotency=idempotency is not None,
+            has_cancel_on=bool(cancel_on),
+        )
         key_expr = None
         if idempotency is not None:
             key_expr = compile_expression(
@@ -309,6 +333,7 @@ class App:
                 start_timeout_ms=start_ms,
                 finish_timeout_ms=finish_ms,
                 idempotency=key_expr,
+                flow=flow,
             )
             for f in (fn, failure_fn):
                 if f is None:

@@ -1,6 +1,7 @@
 """Runs and steps as stored: statuses, their transition table, and the records kept in KV.
 
-A run moves ``queued → running ⇄ sleeping | waiting | retrying → completed | failed | cancelled``.
+A run moves ``queued → running ⇄ sleeping | waiting | retrying → completed | failed | cancelled``,
+or is created ``skipped`` (flow control turned its event away).
 Terminal statuses never change again (a replay is a new run). Records are versioned msgspec
 structs; new fields get defaults and are never reordered or retyped.
 
@@ -32,6 +33,7 @@ class RunStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # never ran: a rate limit or singleton turned its event away
 
     @property
     def terminal(self) -> bool:
@@ -43,7 +45,7 @@ class RunStatus(StrEnum):
         return self in _SUSPENDED
 
 
-_TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+_TERMINAL = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.SKIPPED})
 _SUSPENDED = frozenset({RunStatus.SLEEPING, RunStatus.WAITING, RunStatus.RETRYING})
 
 #: Which status may follow which. A run may be advanced again while running (a redelivered

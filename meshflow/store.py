@@ -218,6 +218,21 @@ class Store:
                     continue
         raise NatsError(f"{what}: it kept changing")
 
+    async def get_flow(self, key: str) -> tuple[bytes, int] | None:
+        """A flow-control state (value, revision), or None if there is none (or it expired)."""
+        got = await self._get(self.names.flow_bucket, key, f"flow state {key}")
+        if got is None:
+            return None
+        return (b"", got[1]) if got[2] else (got[0], got[1])
+
+    async def put_flow(self, key: str, value: bytes, revision: int, ttl_s: int) -> bool:
+        """Replace a flow-control state if it is still at ``revision`` (0: none); False if not."""
+        try:
+            await self._write(self.names.flow_bucket, key, value, revision, f"flow state {key}", ttl_s)
+        except _WrongRevision:
+            return False
+        return True
+
     # --- runs ---------------------------------------------------------------------------------
     async def get_run(self, run_id: str) -> tuple[RunRecord, int] | None:
         """The run record and its revision, or None."""

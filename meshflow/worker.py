@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import os
 import signal
 import socket
@@ -36,14 +35,14 @@ import structlog
 from . import replay
 from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, decode_run_message, open_nats
 from .control import request_cancel
-from .cron import Cron
-from .durations import epoch_ms, format_duration, from_ms, now_ms, rfc3339
+from .durations import epoch_ms, format_duration, now_ms
 from .errors import MeshflowError, NatsError
-from .events import Event, decode_event, encode_event
+from .events import Event, encode_event
+from .flow.starts import Admission, Starts
 from .functions import App, Function
-from .ids import new_ulid, run_id_for
+from .ids import new_ulid
 from .lifecycle import Lifecycle
-from .names import EVENT_CRON, HDR_MSG_ID, Names
+from .names import HDR_MSG_ID, Names
 from .router import Router
 from .runs import (
     NEVER,
@@ -59,11 +58,13 @@ from .runs import (
 )
 from .store import FunctionInfo, RunConflict, Store, WorkerInfo
 from .timers import LocalTimers, WarmRun
+from .triggers import Triggers, cron_key
 
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
 _TIMEOUT_KEYS = frozenset({"timeout", "start-timeout"})
 _DISCOVER_EVERY = 5.0
+_NOW = Admission()
 _ANNOUNCE_EVERY = 10.0
 _ANNOUNCE_TTL_S = 30
 
@@ -94,7 +95,7 @@ class _StoreEffects:
         )
 
 
-class Worker:
+class Worker(Triggers):
     """Serves the functions of one or more apps.
 
     Args:
@@ -156,6 +157,7 @@ class Worker:
         self.store = Store(self.nc, self.names, self.bus.requests)
         self.router = Router(self.store, self.bus, self.names, self._follow_route, ack_wait=self.ack_wait)
         self.life = Lifecycle(self.store, self.bus, self.router, self.functions)
+        self.starts = Starts(self.store)
         await self.bus.ensure_streams()
         await self.store.open()
         for fn in self.functions.values():
@@ -302,71 +304,6 @@ class Worker:
             self._slots.release()
 
     # --- triggers: event -> run ---------------------------------------------------------------
-    async def _on_event(self, fn: Function, msg: Any) -> None:
-        """Claim the event's run and advance it here at once (the claim is also the lease).
-
-        The event is acked only after the run's first pass is written, so a worker dying on the
-        way leaves the event to be redelivered; the redelivery finds the claim and resumes it.
-        """
-        try:
-            event = decode_event(msg.data)
-        except msgspec.DecodeError as exc:
-            log.error("undecodable event dropped", function=fn.full_id, subject=msg.subject, error=str(exc))
-            await msg.term()
-            return
-        if not fn.matches(event):
-            await msg.ack()
-            return
-        run_id = fn.run_id_for(event)
-        if fn.idempotency is not None and not await self.life.claim_key(fn, event, run_id):
-            await msg.ack()
-            return
-        await self._start_run(fn, msg, event, run_id, seq=msg.metadata.sequence.stream if msg.metadata else 0)
-
-    async def _start_run(self, fn: Function, msg: Any, event: Event, run_id: str, *, seq: int) -> None:
-        """Create a run and advance it here at once, or queue it when its event's ts is ahead."""
-        now = now_ms()
-        queued = event.ts > now
-        record = RunRecord(
-            id=run_id,
-            app=fn.app_id,
-            function=fn.full_id,
-            fn=fn.id,
-            status=RunStatus.QUEUED if queued else RunStatus.RUNNING,
-            events=[event],
-            created_at=now,
-            updated_at=now,
-            started_at=None if queued else now,
-            lease=None if queued else Lease(worker=self.id, until=now + self.lease_ms),
-            failure_of=event.data.get("run_id") if fn.failure_of else None,
-            seq=seq,
-            not_before=event.ts if queued else 0,
-            armed=True,
-        )
-        rev = await self.store.create_run(record)
-        if rev is None:  # claimed before: a resent or redelivered event
-            await self._resume(fn, msg, await self.store.get_run(run_id), rmsg=None)
-            return
-        cancelled = await self.life.arm(fn, record)
-        if queued or cancelled:
-            await msg.ack()
-            return
-        await self._advance(fn, msg, _Holder(record, rev), memos={}, rmsg=None)
-
-    async def _on_cron(self, fn: Function, msg: Any, rmsg: RunMessage) -> None:
-        """A cron tick fired: arm the next one, then start the tick's run (one per tick: its id
-        derives from the tick, so a second message or a second worker finds it claimed)."""
-        ckey, _, tick_text = rmsg.key.partition(":")
-        cron = next((c for c in fn.crons if cron_key(c) == ckey), None)
-        if cron is None or not tick_text.isdigit():  # a cron the function no longer has
-            await msg.ack()
-            return
-        tick = int(tick_text)
-        await self.bus.schedule_cron(fn, ckey, cron.next_after(max(tick, now_ms())))
-        data = {"cron": cron.source, "tick": rfc3339(from_ms(tick))}
-        event = Event(name=EVENT_CRON, id=f"cron:{fn.full_id}:{ckey}:{tick}", data=data, ts=tick)
-        await self._start_run(fn, msg, event, run_id_for(fn.full_id, event.id, tick), seq=0)
-
     async def _on_cancel_signal(self, msg: Any) -> None:
         run_id = msg.subject.rpartition(".")[2]
         if run_id in self._active:
@@ -769,11 +706,6 @@ class Worker:
 
 def _ms_text(ms: int) -> str:
     return format_duration(dt.timedelta(milliseconds=ms))
-
-
-def cron_key(cron: Cron) -> str:
-    """A short stable id of a cron trigger: names its schedule, and keys its ticks' runs."""
-    return hashlib.sha1(cron.source.encode(), usedforsecurity=False).hexdigest()[:12]
 
 
 def _redelivered(msg: Any | None) -> bool:

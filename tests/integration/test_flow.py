@@ -1,0 +1,115 @@
+"""Flow control across workers: rate limit (skip), throttle (delay, in order), singleton."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from contextlib import AsyncExitStack
+
+import meshflow
+from meshflow.server import EmbeddedServer
+
+
+async def workers(stack: AsyncExitStack, app: meshflow.App, url: str, namespace: str, n: int = 2) -> None:
+    for i in range(n):
+        await stack.enter_async_context(
+            meshflow.Worker(app, nats=url, namespace=namespace, worker_id=f"w{i}")
+        )
+
+
+async def test_a_rate_limit_runs_exactly_the_allowed_number_and_records_the_rest_skipped(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("rl")
+    ran: Counter[str] = Counter()
+
+    @app.function(
+        "sync",
+        trigger="crm/changed",
+        rate_limit=meshflow.RateLimit(limit=2, period="1h", key="event.data.account"),
+    )
+    async def sync(ctx: meshflow.Context) -> None:
+        ran[ctx.event.data["account"]] += 1
+
+    async with AsyncExitStack() as stack:
+        await workers(stack, app, nats_server.url, namespace)
+        events = [meshflow.Event(name="crm/changed", data={"account": a}) for a in ["a"] * 5 + ["b"] * 3]
+        await client.send(events)
+        runs = [await client.wait_for_run(sync.run_id_for(e)) for e in events]
+    statuses = Counter((r.events[0].data["account"], r.status) for r in runs)
+    assert statuses == {
+        ("a", meshflow.RunStatus.COMPLETED): 2,
+        ("a", meshflow.RunStatus.SKIPPED): 3,
+        ("b", meshflow.RunStatus.COMPLETED): 2,
+        ("b", meshflow.RunStatus.SKIPPED): 1,
+    }
+    assert ran == {"a": 2, "b": 2}
+    skipped = next(r for r in runs if r.status is meshflow.RunStatus.SKIPPED)
+    assert skipped.error is not None
+    assert "rate limit" in skipped.error.message
+
+
+async def test_a_throttle_spaces_run_starts_and_drops_none(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("th")
+    started: dict[str, float] = {}
+
+    @app.function("call", trigger="api/call", throttle=meshflow.Throttle(limit=4, period="1s"))
+    async def call(ctx: meshflow.Context) -> None:
+        started.setdefault(ctx.run_id, time.time() * 1000)
+
+    async with AsyncExitStack() as stack:
+        await workers(stack, app, nats_server.url, namespace)
+        events = [meshflow.Event(name="api/call", data={"i": i}) for i in range(8)]
+        sent = time.time() * 1000
+        await client.send(events)
+        runs = [await client.wait_for_run(call.run_id_for(e), timeout=20) for e in events]
+    assert {r.status for r in runs} == {meshflow.RunStatus.COMPLETED}
+    starts = sorted(started[r.id] for r in runs)
+    # GCRA at 4/s: the i-th start is reserved 250 ms after the one before, and never runs early
+    assert all(start >= sent + i * 250 - 5 for i, start in enumerate(starts)), [s - sent for s in starts]
+    assert starts[-1] - sent < 7 * 250 + 3000  # and not much later (timers are at most ~250 ms late)
+
+
+async def test_singleton_skip_and_cancel(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("one")
+
+    @app.function(
+        "report", trigger="report/go", singleton=meshflow.Singleton(key="event.data.team", mode="skip")
+    )
+    async def report(ctx: meshflow.Context) -> None:
+        await ctx.step.sleep("work", "1h")
+
+    @app.function("deploy", trigger="deploy/go", singleton=meshflow.Singleton(mode="cancel"))
+    async def deploy(ctx: meshflow.Context) -> None:
+        await ctx.step.sleep("roll-out", "1h")
+
+    async with AsyncExitStack() as stack:
+        await workers(stack, app, nats_server.url, namespace)
+        first = meshflow.Event(name="report/go", data={"team": "x"})
+        await client.send(first)
+        await client.wait_for_run(report.run_id_for(first), until=meshflow.RunStatus.SLEEPING)
+        second = meshflow.Event(name="report/go", data={"team": "x"})
+        other_team = meshflow.Event(name="report/go", data={"team": "y"})
+        await client.send([second, other_team])
+        skipped = await client.wait_for_run(report.run_id_for(second))
+        other = await client.wait_for_run(report.run_id_for(other_team), until=meshflow.RunStatus.SLEEPING)
+
+        old = meshflow.Event(name="deploy/go")
+        await client.send(old)
+        await client.wait_for_run(deploy.run_id_for(old), until=meshflow.RunStatus.SLEEPING)
+        new = meshflow.Event(name="deploy/go")
+        await client.send(new)
+        replaced = await client.wait_for_run(deploy.run_id_for(old))
+        current = await client.wait_for_run(deploy.run_id_for(new), until=meshflow.RunStatus.SLEEPING)
+        for run_id in (report.run_id_for(first), other.id, current.id):
+            await client.cancel(run_id)
+    assert skipped.status is meshflow.RunStatus.SKIPPED
+    assert other.status is meshflow.RunStatus.SLEEPING
+    assert replaced.status is meshflow.RunStatus.CANCELLED
+    assert replaced.error is not None
+    assert "singleton" in replaced.error.message
+    assert current.status is meshflow.RunStatus.SLEEPING

@@ -1,0 +1,52 @@
+"""Start-rate decisions: throttle (GCRA: delay, never drop) and rate limit (exact: skip)."""
+
+from __future__ import annotations
+
+from meshflow.flow import ratelimit, throttle
+
+MINUTE = 60_000
+
+
+def test_rate_limit_never_lets_more_than_limit_start_in_any_period() -> None:
+    log: list[int] = []
+    allowed = []
+    for now in range(0, 10 * MINUTE, 5_000):  # a request every 5 s for 10 minutes
+        ok, log = ratelimit.decide(log, now, period_ms=MINUTE, limit=3)
+        if ok:
+            allowed.append(now)
+    assert all(sum(1 for t in allowed if s <= t < s + MINUTE) <= 3 for s in range(-MINUTE, 10 * MINUTE, 1000))
+    assert len(allowed) == 30  # and exactly 3 a minute: nothing skipped that could run
+    assert allowed[:4] == [0, 5_000, 10_000, 60_000]
+
+
+def test_a_skipped_request_leaves_the_log_unchanged() -> None:
+    ok1, log1 = ratelimit.decide([], 0, period_ms=MINUTE, limit=1)
+    ok2, log2 = ratelimit.decide(log1, 1000, period_ms=MINUTE, limit=1)
+    assert ok1
+    assert not ok2
+    assert log2 == log1 == [0]
+    assert ratelimit.decide(log1, MINUTE, period_ms=MINUTE, limit=1)[0]
+
+
+def test_throttle_spaces_starts_evenly_in_order_and_drops_nothing() -> None:
+    tat, starts = 0, []
+    for _ in range(10):  # ten requests at the same instant
+        d = throttle.decide(tat, 1_000, period_ms=MINUTE, limit=5)
+        tat = d.tat
+        starts.append(d.start_at)
+    assert starts == [1_000 + i * 12_000 for i in range(10)]
+
+
+def test_throttle_burst_lets_that_many_start_together() -> None:
+    tat, starts = 0, []
+    for _ in range(6):
+        d = throttle.decide(tat, 0, period_ms=MINUTE, limit=5, burst=3)
+        tat = d.tat
+        starts.append(d.start_at)
+    assert starts == [0, 0, 0, 12_000, 24_000, 36_000]
+
+
+def test_throttle_after_a_quiet_spell_starts_at_once() -> None:
+    d = throttle.decide(5_000, 100_000, period_ms=MINUTE, limit=5)
+    assert d.start_at == 100_000
+    assert d.tat == 112_000
