@@ -19,6 +19,9 @@ from . import ratelimit
 
 Duration = dt.timedelta | float | str
 
+#: The controls the worker enforces (the others are refused at registration until they are).
+ENFORCED = frozenset({"throttle", "rate_limit", "singleton"})
+
 
 @dataclass(frozen=True)
 class Concurrency:
@@ -177,6 +180,17 @@ def check(
         singleton=_singleton(singleton, f"{what} singleton") if singleton is not None else None,
     )
     _refuse_combinations(what, spec, has_idempotency=has_idempotency, has_cancel_on=has_cancel_on)
+    for name, present in (
+        ("concurrency", spec.concurrency),
+        ("debounce", spec.debounce),
+        ("batch", spec.batch),
+        ("priority", spec.priority),
+    ):
+        if present and name not in ENFORCED:
+            raise ConfigError(
+                f"{what}: {name} is checked but not enforced by this version of meshflow yet; "
+                "remove it rather than rely on it"
+            )
     return spec
 
 
