@@ -25,6 +25,7 @@ from .durations import from_ms, now_ms, rfc3339
 from .errors import RunNotFoundError
 from .events import Event, decode_event
 from .flow.starts import Admission, Starts
+from .flow.windows import Windows
 from .functions import Function
 from .ids import run_id_for
 from .lifecycle import Lifecycle
@@ -50,6 +51,7 @@ class Triggers:
     store: Store
     life: Lifecycle
     starts: Starts
+    windows: Windows
 
     def _resume(
         self, fn: Function, msg: Any, got: tuple[RunRecord, int] | None, *, rmsg: RunMessage | None
@@ -94,6 +96,12 @@ class Triggers:
                 await self._resume(fn, msg, existing, rmsg=None)
                 return
             admission = await self.starts.admit(fn, event, run_id)
+            if admission.skip is None and (fn.flow.debounce or fn.flow.batch):
+                opened = await self.windows.gather(fn, event, run_id, seq)
+                if opened is not None:  # this event opened a window: its run waits for its start
+                    await self.life.arm(fn, opened)
+                await msg.ack()
+                return
         await self._start_run(fn, msg, event, run_id, seq=seq, admission=admission)
 
     async def _start_run(

@@ -39,6 +39,7 @@ from .durations import epoch_ms, format_duration, now_ms
 from .errors import MeshflowError, NatsError
 from .events import Event, encode_event
 from .flow.starts import Admission, Starts
+from .flow.windows import Windows
 from .functions import App, Function
 from .ids import new_ulid
 from .lifecycle import Lifecycle
@@ -158,6 +159,7 @@ class Worker(Triggers):
         self.router = Router(self.store, self.bus, self.names, self._follow_route, ack_wait=self.ack_wait)
         self.life = Lifecycle(self.store, self.bus, self.router, self.functions)
         self.starts = Starts(self.store)
+        self.windows = Windows(self.store, self.bus)
         await self.bus.ensure_streams()
         await self.store.open()
         for fn in self.functions.values():

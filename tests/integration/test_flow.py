@@ -1,13 +1,15 @@
-"""Flow control across workers: rate limit (skip), throttle (delay, in order), singleton."""
+"""Flow control across workers: rate limit, throttle, singleton, debounce, batch."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
 
 import meshflow
 from meshflow.server import EmbeddedServer
+from meshflow.testing import wait_until
 
 
 async def workers(stack: AsyncExitStack, app: meshflow.App, url: str, namespace: str, n: int = 2) -> None:
@@ -113,3 +115,91 @@ async def test_singleton_skip_and_cancel(
     assert replaced.error is not None
     assert "singleton" in replaced.error.message
     assert current.status is meshflow.RunStatus.SLEEPING
+
+
+async def finished_runs(client: meshflow.Client, function_id: str, count: int) -> list[meshflow.Run]:
+    """Poll (with a deadline) until ``count`` runs of the function have ended; return them."""
+
+    async def done() -> list[meshflow.Run] | None:
+        runs, _ = await client.list_runs(function_id=function_id, limit=500)
+        ended = [r for r in runs if r.finished]
+        return ended if len(ended) >= count else None
+
+    return await wait_until(done, timeout=30, interval=0.1)
+
+
+async def test_debounce_gives_one_run_per_burst_and_key_with_the_last_event(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("db")
+
+    @app.function("save", trigger="doc/edited", debounce=meshflow.Debounce(period="2s", key="event.data.doc"))
+    async def save(ctx: meshflow.Context) -> list[int]:
+        return [e.data["n"] for e in ctx.events]
+
+    async with AsyncExitStack() as stack:
+        await workers(stack, app, nats_server.url, namespace)
+        for n in range(5):  # one burst per document, interleaved
+            await client.send(
+                [meshflow.Event(name="doc/edited", data={"doc": d, "n": n}) for d in ("a", "b")]
+            )
+        runs = await finished_runs(client, save.full_id, 2)
+
+        async def all_events_handled() -> bool:
+            return (await client.backlog(save.full_id))["events"] == (0, 0)
+
+        await wait_until(all_events_handled, timeout=10)
+        every, _ = await client.list_runs(function_id=save.full_id)  # queued windows included
+    assert sorted(r.output for r in runs) == [[4], [4]]
+    assert sorted(r.events[0].data["doc"] for r in runs) == ["a", "b"]
+    assert len(every) == 2
+
+
+async def test_debounce_timeout_forces_a_run_during_a_continuous_stream(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("dbt")
+
+    @app.function(
+        "save",
+        trigger="doc/typed",
+        debounce=meshflow.Debounce(period="500ms", timeout="1s", all_events=True),
+    )
+    async def save(ctx: meshflow.Context) -> list[int]:
+        return [e.data["n"] for e in ctx.events]
+
+    async with AsyncExitStack() as stack:
+        await workers(stack, app, nats_server.url, namespace)
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < 2.5:  # an event every 100 ms: the period never passes
+            await client.send(meshflow.Event(name="doc/typed", data={"n": n}))
+            n += 1
+            await asyncio.sleep(0.1)
+        runs = await finished_runs(client, save.full_id, 3)
+    outputs = sorted((r.output for r in runs), key=lambda o: o[0])
+    assert len(outputs) >= 2  # the timeout started runs while events kept coming
+    assert [x for o in outputs for x in o] == list(range(n))  # every event, in order, once
+
+
+async def test_batches_of_at_most_100_the_last_on_timeout(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("bt")
+
+    @app.function("ingest", trigger="row/added", batch=meshflow.Batch(max_size=100, timeout="1s"))
+    async def ingest(ctx: meshflow.Context) -> int:
+        return len(ctx.events)
+
+    async with AsyncExitStack() as stack:
+        await workers(stack, app, nats_server.url, namespace)
+        events = [meshflow.Event(name="row/added", data={"i": i}) for i in range(250)]
+        await client.send(events)
+        runs = await finished_runs(client, ingest.full_id, 3)
+        full = [r for r in runs if r.output == 100]
+        assert len(full) == 2
+        last = next(r for r in runs if r.output == 50)
+    assert sorted(e.data["i"] for r in runs for e in r.events) == list(range(250))
+    assert last.started_at is not None
+    assert last.started_at - last.created_at >= 1000  # it waited for the timeout
+    assert all((r.started_at or 0) - r.created_at < 1000 for r in full)  # full ones started at once
