@@ -1,5 +1,8 @@
 """``meshflow bench``: the workloads of WORKLOADS.md, measured against the raw JetStream limit.
 
+D1 (dashboard pages with 100,000 runs in the store) is ours, not WORKLOADS.md's; it measures
+its own limit (`pages`).
+
     meshflow bench [WORKLOAD ...] [--nats URL] [--runs 3] [--scale 1.0] [--sync-always] [--out FILE]
 
 Starts an embedded nats-server in a temporary directory (unless ``--nats`` names one), runs RAW
@@ -28,16 +31,16 @@ from typing import Any, TextIO
 from meshflow.functions import Function
 from meshflow.server import EmbeddedServer
 
-from . import apps, raw, sleepers, waiters, workloads
+from . import apps, pages, raw, sleepers, waiters, workloads
 from .admin import Admin
 from .harness import Body, Measured, Target, with_worker
 from .procs import BenchError, CpuMeter, kill_leftovers
 from .stats import ratio, rounded, summarize_runs
 
-WORKLOADS = ("RAW", "W1", "W2", "W3", "W4", "W5", "W6", "W7")
-#: Hard limit of one run of a workload, in seconds; W6 creates 100,000 runs.
+WORKLOADS = ("RAW", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "D1")
+#: Hard limit of one run of a workload, in seconds; W6 creates 100,000 runs, D1 writes them.
 DEADLINE_S = 120.0
-DEADLINES = {"W6": 300.0}
+DEADLINES = {"W6": 300.0, "D1": 300.0}
 RAW_STEP = "step_pipelined_per_s"
 
 
@@ -61,6 +64,8 @@ SPECS = {
     "W6": Spec("w6", (apps.long_sleeper,), sleepers.w6, "create_s"),
     # W7's events match no function: its worker (serving W2's function) stays idle.
     "W7": Spec("w2", (apps.one_step,), workloads.w7, "events_per_s", ("events_per_s", "publish_per_s")),
+    # D1's worker only registers its 20 functions (the dashboard lists them) and stays idle.
+    "D1": Spec("d1", apps.DASHBOARD, pages.d1, "first_page_p50_ms"),
 }
 
 

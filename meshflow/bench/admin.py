@@ -60,7 +60,13 @@ async def open_plain(url: str, name: str) -> NatsClient:
 
 def streams(names: Names) -> list[str]:
     """Every stream a meshflow namespace uses."""
-    buckets = (names.runs_bucket, names.steps_bucket, names.registry_bucket, names.waits_bucket)
+    buckets = (
+        names.runs_bucket,
+        names.steps_bucket,
+        names.registry_bucket,
+        names.waits_bucket,
+        names.flow_bucket,
+    )
     return [names.events_stream, names.runs_stream, *(kv_stream(b) for b in buckets)]
 
 

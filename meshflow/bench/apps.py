@@ -1,9 +1,9 @@
 """The functions the benchmark runs, served by ``meshflow worker meshflow.bench.apps:ATTR``.
 
 ``app`` holds every benchmark function. Each workload's worker serves only the functions that
-workload triggers (``w1`` … ``w6``: apps with the same id ``bench``, so full ids and run ids are
-the same as in ``app``): a worker shares its concurrency slots among the pull loops of all its
-functions, and idle loops of functions a workload never triggers would hold slots in
+workload triggers (``w1`` … ``w6`` and ``d1``: apps with the same id ``bench``, so full ids and
+run ids are the same as in ``app``): a worker shares its concurrency slots among the pull loops
+of all its functions, and idle loops of functions a workload never triggers would hold slots in
 long-polling fetches and so distort the figures.
 
 Step handlers are no-op coroutines returning a small dict, so a run costs only meshflow itself.
@@ -19,13 +19,16 @@ from meshflow.functions import Function, Handler
 
 app = meshflow.App("bench")
 
-_APPS: dict[str, meshflow.App] = {w: meshflow.App("bench") for w in ("w1", "w2", "w3", "w4", "w5", "w6")}
+_APPS: dict[str, meshflow.App] = {
+    w: meshflow.App("bench") for w in ("w1", "w2", "w3", "w4", "w5", "w6", "d1")
+}
 w1 = _APPS["w1"]
 w2 = _APPS["w2"]
 w3 = _APPS["w3"]
 w4 = _APPS["w4"]
 w5 = _APPS["w5"]
 w6 = _APPS["w6"]
+d1 = _APPS["d1"]
 
 TRIGGER_W1 = "bench/w1"
 TRIGGER_W2 = "bench/w2"
@@ -101,3 +104,40 @@ async def waiter(ctx: meshflow.Context) -> dict[str, float] | None:
 @_function("w6", "long-sleeper", TRIGGER_W6)
 async def long_sleeper(ctx: meshflow.Context) -> None:
     await ctx.step.sleep("nap", "1h")
+
+
+#: D1's functions: the dashboard lists their runs, which the bench writes straight into the store.
+#: Their triggers name events nobody sends (the stored runs' events are named ``d1/<id>``), so
+#: the idle worker that registers them starts no run of its own.
+D1_IDS = (
+    "send-welcome-email",
+    "charge-card",
+    "sync-inventory",
+    "generate-invoice",
+    "ship-order",
+    "refund-payment",
+    "nightly-report",
+    "resize-image",
+    "notify-slack",
+    "score-lead",
+    "import-csv",
+    "export-data",
+    "reconcile-ledger",
+    "expire-trials",
+    "send-digest",
+    "verify-email",
+    "update-search-index",
+    "fraud-check",
+    "sync-crm",
+    "archive-logs",
+)
+
+
+def _listed(fn_id: str) -> Function:
+    async def listed(ctx: meshflow.Context) -> dict[str, int]:
+        return await ctx.step.run("s0", noop, 0)  # type: ignore[no-any-return]
+
+    return _function("d1", fn_id, f"bench/d1.never.{fn_id}")(listed)
+
+
+DASHBOARD: tuple[Function, ...] = tuple(_listed(fn_id) for fn_id in D1_IDS)

@@ -33,6 +33,20 @@ FIGURES = {
         "resumes_per_s",
     ],
     "W7": ["events_per_s"],
+    "D1": [
+        "first_page_p50_ms",
+        "deep_page_p50_ms",
+        "failed_page_p50_ms",
+        "function_page_p50_ms",
+        "run_detail_p50_ms",
+        "events_page_p50_ms",
+        "event_search_p50_ms",
+        "html_runs_p50_ms",
+        "html_failed_p50_ms",
+        "limit_p50_ms",
+        "first_page_vs_limit",
+        "none_calls",
+    ],
 }
 RATIOS = {"W1", "W7"}
 
@@ -83,4 +97,6 @@ def test_bench_prints_one_line_of_numeric_figures_per_workload(tmp_path: Path) -
     by_name = {line["workload"]: line for line in lines}
     assert by_name["W3"]["early_wakes"]["max"] == 0  # a sleep never wakes early
     assert by_name["W5"]["completed"]["min"] == 100  # 10,000 at --scale 0.01: every waiter resumed
+    assert by_name["D1"]["stored_runs"]["min"] == 1000  # 100,000 at --scale 0.01, all listed
+    assert by_name["D1"]["none_runs"]["max"] == 0  # no run is cancelled: that filter finds nothing
     assert "W1 run 1/1" in stderr
