@@ -128,6 +128,9 @@ class Triggers:
             not_before=not_before if queued else 0,
             armed=True,
         )
+        if fn.flow.concurrency and not queued and admission.skip is None:
+            # it starts when a slot is free: created without a lease, then taken like any run
+            record = msgspec.structs.replace(record, status=RunStatus.QUEUED, lease=None, started_at=None)
         if admission.skip is not None:
             record = msgspec.structs.replace(
                 record,
@@ -153,6 +156,9 @@ class Triggers:
         cancelled = await self.life.arm(fn, record)
         if queued or cancelled:
             await msg.ack()
+            return
+        if record.status is RunStatus.QUEUED:  # waits for a concurrency slot
+            await self._resume(fn, msg, (record, rev), rmsg=None)
             return
         await self._advance(fn, msg, _Holder(record, rev), memos={}, rmsg=None)
 

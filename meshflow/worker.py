@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import random
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,7 @@ from .control import request_cancel
 from .durations import epoch_ms, format_duration, now_ms
 from .errors import MeshflowError, NatsError
 from .events import Event, encode_event
+from .flow.slots import Slots
 from .flow.starts import Admission, Starts
 from .flow.windows import Windows
 from .functions import App, Function
@@ -160,6 +162,7 @@ class Worker(Triggers):
         self.life = Lifecycle(self.store, self.bus, self.router, self.functions)
         self.starts = Starts(self.store)
         self.windows = Windows(self.store, self.bus)
+        self.slots = Slots(self.store, self.lease_ms)
         await self.bus.ensure_streams()
         await self.store.open()
         for fn in self.functions.values():
@@ -402,18 +405,35 @@ class Worker(Triggers):
         if held_elsewhere or record.id in self._active:
             await msg.nak(delay=0.25)  # being advanced right now; look again shortly
             return
+        await self._take(fn, msg, record, rev, rmsg)
+
+    async def _take(
+        self, fn: Function, msg: Any, record: RunRecord, rev: int, rmsg: RunMessage | None
+    ) -> None:
+        """Take the run's concurrency slots (if its function has any) and its lease, then advance it."""
+        now = now_ms()
+        slots: list[str] = []
+        owner = ""
+        if fn.flow.concurrency and record.cancel is None:
+            taken = await self.slots.acquire(fn, record)
+            if taken is None:  # every slot of its key is busy: it waits (never dropped)
+                await msg.nak(delay=_slot_backoff(msg))
+                return
+            slots, owner = taken
         leased = self._leased(record, now)
         if not record.armed:  # created elsewhere (an invoke, a replay): set up its timeouts now
             leased = msgspec.structs.replace(leased, armed=True)
         try:
             rev = await self.store.update_run(leased, rev)
         except RunConflict:
+            await self.slots.release(slots, owner)
             await msg.nak(delay=0.05)
             return
         if not record.armed and await self.life.arm(fn, leased, starting=True):
+            await self.slots.release(slots, owner)
             await msg.ack()  # cancelled by an event already sent; the cancel message ends it
             return
-        await self._advance(fn, msg, _Holder(leased, rev), memos=None, rmsg=rmsg, before=record)
+        await self._advance(fn, msg, _Holder(leased, rev, slots, owner), memos=None, rmsg=rmsg, before=record)
 
     async def _on_timeout(self, record: RunRecord, key: str) -> None:
         fn = self.functions[record.function]
@@ -456,6 +476,9 @@ class Worker(Triggers):
         finally:
             self._active.discard(record.id)
             self._cancel_signals.discard(record.id)
+            if holder.slots:
+                with contextlib.suppress(MeshflowError):  # unreleased, they expire with the lease
+                    await self.slots.release(holder.slots, holder.owner)
 
     async def _advance_leased(
         self,
@@ -540,6 +563,9 @@ class Worker(Triggers):
                 with contextlib.suppress(*NATS_ERRORS):
                     await msg.in_progress()
             renewed = self._leased(holder.record, now_ms())
+            if holder.slots:
+                with contextlib.suppress(MeshflowError):
+                    await self.slots.renew(holder.slots, holder.owner)
             try:
                 holder.rev = await self.store.update_run(renewed, holder.rev)
                 holder.record = renewed
@@ -652,7 +678,7 @@ class Worker(Triggers):
         (another worker, a cancel) makes this decline and the wake go through the stream.
         """
         record, rev, memos = warm.record, warm.revision, warm.memos
-        if record.id in self._active:
+        if record.id in self._active or fn.flow.concurrency:  # slots are taken on the message path
             return False
         leased = self._leased(record, now_ms())
         await self._slots.acquire()
@@ -710,6 +736,14 @@ def _ms_text(ms: int) -> str:
     return format_duration(dt.timedelta(milliseconds=ms))
 
 
+def _slot_backoff(msg: Any) -> float:
+    """How long a run waiting for a concurrency slot waits before it asks again: 50 ms, doubling
+    with each try to 2 s, jittered so waiting runs do not ask in lockstep."""
+    tries = int(msg.metadata.num_delivered) if msg.metadata else 1
+    delay: float = min(0.05 * 2 ** min(tries - 1, 6), 2.0) * (0.5 + random.random())  # noqa: S311 - jitter
+    return delay
+
+
 def _redelivered(msg: Any | None) -> bool:
     return bool(msg is not None and msg.metadata and msg.metadata.num_delivered > 1)
 
@@ -727,10 +761,13 @@ def _log_outcome(run: RunRecord) -> None:
 
 
 class _Holder:
-    """The lease holder's latest view of the run record and its revision."""
+    """The lease holder's latest view of the run record and its revision (and the concurrency
+    slots the pass holds)."""
 
-    __slots__ = ("record", "rev")
+    __slots__ = ("owner", "record", "rev", "slots")
 
-    def __init__(self, record: RunRecord, rev: int) -> None:
+    def __init__(self, record: RunRecord, rev: int, slots: list[str] | None = None, owner: str = "") -> None:
         self.record = record
         self.rev = rev
+        self.slots = slots or []
+        self.owner = owner

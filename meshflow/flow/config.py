@@ -20,7 +20,7 @@ from . import ratelimit
 Duration = dt.timedelta | float | str
 
 #: The controls the worker enforces (the others are refused at registration until they are).
-ENFORCED = frozenset({"throttle", "rate_limit", "singleton", "debounce", "batch"})
+ENFORCED = frozenset({"throttle", "rate_limit", "singleton", "debounce", "batch", "concurrency"})
 
 
 @dataclass(frozen=True)

@@ -38,3 +38,32 @@ async def crashy(ctx: meshflow.Context) -> dict[str, str]:
     await ctx.step.sleep("nap", "1s")
     await ctx.step.run("three", record, ctx.run_id, "three")
     return {"block": result}
+
+
+def timed(run_id: str, key: str, what: str) -> None:
+    """A ledger line with the wall time in ns: ``{ns} {key} {what} {run}`` (for overlap checks)."""
+    with Path(os.environ["MESHFLOW_TEST_LEDGER"]).open("a") as fh:
+        fh.write(f"{time.time_ns()} {key} {what} {run_id}\n")
+
+
+def work(run_id: str, key: str, block: bool) -> None:
+    timed(run_id, key, "start")
+    if block:
+        blocking_step(run_id)
+    else:
+        time.sleep(0.05)
+    timed(run_id, key, "end")
+
+
+@app.function(
+    "limited",
+    trigger="limited/go",
+    concurrency=meshflow.Concurrency(limit=3, key="event.data.key"),
+    retries=meshflow.Retry(retries=3, backoff=("100ms",)),
+)
+async def limited(ctx: meshflow.Context) -> str:
+    key, block = ctx.event.data["key"], bool(ctx.event.data.get("block"))
+    await ctx.step.run("work", work, ctx.run_id, key, block)
+    await ctx.step.sleep("nap", "300ms")  # a sleeping run holds no slot
+    await ctx.step.run("work-again", work, ctx.run_id, key, False)
+    return key

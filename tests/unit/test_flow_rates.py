@@ -50,3 +50,16 @@ def test_throttle_after_a_quiet_spell_starts_at_once() -> None:
     d = throttle.decide(5_000, 100_000, period_ms=MINUTE, limit=5)
     assert d.start_at == 100_000
     assert d.tat == 112_000
+
+
+def test_concurrency_counts_live_holders_and_frees_expired_leases() -> None:
+    from meshflow.flow import concurrency
+
+    holders = concurrency.acquire({}, "r1", 0, limit=2, lease_ms=1000)
+    assert holders == {"r1": 1000}
+    holders = concurrency.acquire(holders, "r2", 10, limit=2, lease_ms=1000)
+    assert holders is not None
+    assert concurrency.acquire(holders, "r3", 20, limit=2, lease_ms=1000) is None  # full
+    assert concurrency.acquire(holders, "r1", 20, limit=2, lease_ms=1000) == {"r1": 1020, "r2": 1010}  # renew
+    assert concurrency.acquire(holders, "r3", 1005, limit=2, lease_ms=1000) == {"r2": 1010, "r3": 2005}
+    assert concurrency.release(holders, "r1", 20) == {"r2": 1010}
