@@ -39,7 +39,7 @@ from .control import request_cancel
 from .durations import epoch_ms, format_duration, now_ms
 from .errors import MeshflowError, NatsError
 from .events import Event, encode_event
-from .flow.slots import Slots
+from .flow.slots import Slot, Slots
 from .flow.starts import Admission, Starts
 from .flow.windows import Windows
 from .functions import App, Function
@@ -162,7 +162,7 @@ class Worker(Triggers):
         self.life = Lifecycle(self.store, self.bus, self.router, self.functions)
         self.starts = Starts(self.store)
         self.windows = Windows(self.store, self.bus)
-        self.slots = Slots(self.store, self.lease_ms)
+        self.slots = Slots(self.store, self.bus, self.lease_ms)
         await self.bus.ensure_streams()
         await self.store.open()
         for fn in self.functions.values():
@@ -412,7 +412,7 @@ class Worker(Triggers):
     ) -> None:
         """Take the run's concurrency slots (if its function has any) and its lease, then advance it."""
         now = now_ms()
-        slots: list[str] = []
+        slots: list[Slot] = []
         owner = ""
         if fn.flow.concurrency and record.cancel is None:
             taken = await self.slots.acquire(fn, record)
@@ -766,7 +766,7 @@ class _Holder:
 
     __slots__ = ("owner", "record", "rev", "slots")
 
-    def __init__(self, record: RunRecord, rev: int, slots: list[str] | None = None, owner: str = "") -> None:
+    def __init__(self, record: RunRecord, rev: int, slots: list[Slot] | None = None, owner: str = "") -> None:
         self.record = record
         self.rev = rev
         self.slots = slots or []

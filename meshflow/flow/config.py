@@ -20,7 +20,7 @@ from . import ratelimit
 Duration = dt.timedelta | float | str
 
 #: The controls the worker enforces (the others are refused at registration until they are).
-ENFORCED = frozenset({"throttle", "rate_limit", "singleton", "debounce", "batch", "concurrency"})
+ENFORCED = frozenset({"throttle", "rate_limit", "singleton", "debounce", "batch", "concurrency", "priority"})
 
 
 @dataclass(frozen=True)
@@ -272,3 +272,8 @@ def _refuse_combinations(what: str, spec: FlowSpec, *, has_idempotency: bool, ha
             )
     if spec.singleton is not None and spec.concurrency:
         raise ConfigError(f"{what}: singleton already allows one run at a time; drop concurrency")
+    if spec.priority is not None and not spec.concurrency:
+        raise ConfigError(
+            f"{what}: priority orders the runs waiting for a concurrency slot; without concurrency no run "
+            "waits, so add concurrency=meshflow.Concurrency(...) or drop priority"
+        )

@@ -2,7 +2,8 @@
 
 One key per constraint and key value: ``cc.{fn}.{key}`` (``scope="fn"``) or
 ``cc.env.{expression}.{key}`` (``scope="env"``, shared by every function using that key
-expression), holding the slot holders and their lease expiries, updated by compare-and-set.
+expression), holding the slot holders with their leases and the runs waiting for a slot,
+updated by compare-and-set. Whoever frees a slot wakes the waiting run it goes to.
 """
 
 from __future__ import annotations
@@ -11,25 +12,34 @@ import hashlib
 import secrets
 
 import msgspec
+import structlog
 
+from ..bus import Bus, RunMessage
 from ..durations import now_ms
-from ..errors import NatsError
+from ..errors import ExpressionError, NatsError
 from ..functions import Function
 from ..runs import RunRecord
 from ..store import Store
 from . import concurrency
 from .starts import key_token
 
+log = structlog.get_logger("meshflow.flow")
+
 _ATTEMPTS = 50
-_holders = msgspec.json.Decoder(dict[str, int])
+#: Inngest's bounds for a run's priority, in seconds.
+MAX_PRIORITY_S = 600
+_decoder = msgspec.json.Decoder(concurrency.State)
+
+Slot = tuple[str, int]  # (flow key, limit)
 
 
 class Slots:
-    def __init__(self, store: Store, lease_ms: int) -> None:
+    def __init__(self, store: Store, bus: Bus, lease_ms: int) -> None:
         self.store = store
+        self.bus = bus
         self.lease_ms = lease_ms
 
-    def keys(self, fn: Function, record: RunRecord) -> list[tuple[str, int]]:
+    def keys(self, fn: Function, record: RunRecord) -> list[Slot]:
         """The slot keys a run of ``fn`` needs, with their limits."""
         event = record.events[0]
         out = []
@@ -42,46 +52,82 @@ class Slots:
                 out.append((f"cc.{fn.full_id}.{token}", spec.limit))
         return out
 
-    async def acquire(self, fn: Function, record: RunRecord) -> tuple[list[str], str] | None:
-        """Take a slot under every constraint of ``fn`` for one pass of the run; the keys held and
-        the holder's name, or None (holding nothing) when some constraint is full.
+    def priority_ms(self, fn: Function, record: RunRecord) -> int:
+        expr = fn.flow.priority
+        if expr is None:
+            return 0
+        try:
+            value = expr.evaluate({"event": msgspec.to_builtins(record.events[0])})
+        except ExpressionError as exc:
+            log.warning("priority not computed; 0 applies", function=fn.full_id, error=str(exc))
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            log.warning("priority is not a number of seconds; 0 applies", function=fn.full_id, value=value)
+            return 0
+        return int(max(-MAX_PRIORITY_S, min(MAX_PRIORITY_S, value)) * 1000)
+
+    async def acquire(self, fn: Function, record: RunRecord) -> tuple[list[Slot], str] | None:
+        """Take a slot under every constraint of ``fn`` for one pass of the run; the slots held and
+        the holder's name, or None (holding nothing; the run is queued) when some constraint is full.
 
         Each pass holds its own slot (``{run_id}.{nonce}``), so a second pass of the same run that
         loses the run's lease releases only its own.
         """
         owner = f"{record.id}.{secrets.token_hex(4)}"
-        held: list[str] = []
+        priority = self.priority_ms(fn, record)
+        held: list[Slot] = []
         for key, limit in self.keys(fn, record):
-            if not await self._change(key, owner, limit):
+            if not await self._acquire(key, limit, owner, record.id, priority):
                 await self.release(held, owner)
                 return None
-            held.append(key)
+            held.append((key, limit))
         return held, owner
 
-    async def renew(self, keys: list[str], owner: str) -> None:
-        for key in keys:
-            await self._change(key, owner, 2**31)
+    async def _acquire(self, key: str, limit: int, owner: str, run_id: str, priority: int) -> bool:
+        for _ in range(_ATTEMPTS):
+            got = await self.store.get_flow(key)
+            state = _decoder.decode(got[0]) if got and got[0] else concurrency.State()
+            taken, new = concurrency.acquire(
+                state, owner, run_id, now_ms(), limit=limit, lease_ms=self.lease_ms, priority_ms=priority
+            )
+            if await self.store.put_flow(key, msgspec.json.encode(new), got[1] if got else 0, self._ttl()):
+                return taken
+        raise NatsError(f"concurrency state {key} kept changing")
 
-    async def release(self, keys: list[str], owner: str) -> None:
-        for key in keys:
+    async def renew(self, slots: list[Slot], owner: str) -> None:
+        for key, _ in slots:
             for _ in range(_ATTEMPTS):
                 got = await self.store.get_flow(key)
                 if not got or not got[0]:
                     break
-                holders = concurrency.release(_holders.decode(got[0]), owner, now_ms())
-                if await self.store.put_flow(key, msgspec.json.encode(holders), got[1], self._ttl()):
+                state = _decoder.decode(got[0])
+                state.holders[owner] = now_ms() + self.lease_ms
+                if await self.store.put_flow(key, msgspec.json.encode(state), got[1], self._ttl()):
                     break
 
-    async def _change(self, key: str, run_id: str, limit: int) -> bool:
-        for _ in range(_ATTEMPTS):
-            got = await self.store.get_flow(key)
-            holders = _holders.decode(got[0]) if got and got[0] else {}
-            taken = concurrency.acquire(holders, run_id, now_ms(), limit=limit, lease_ms=self.lease_ms)
-            if taken is None:
-                return False
-            if await self.store.put_flow(key, msgspec.json.encode(taken), got[1] if got else 0, self._ttl()):
-                return True
-        raise NatsError(f"concurrency state {key} kept changing")
+    async def release(self, slots: list[Slot], owner: str) -> None:
+        """Free the pass's slots, and wake the waiting run each goes to."""
+        for key, limit in slots:
+            wake = None
+            for _ in range(_ATTEMPTS):
+                got = await self.store.get_flow(key)
+                if not got or not got[0]:
+                    break
+                state, wake = concurrency.release(_decoder.decode(got[0]), owner, now_ms(), limit=limit)
+                if await self.store.put_flow(key, msgspec.json.encode(state), got[1], self._ttl()):
+                    break
+            if wake is not None:
+                await self._wake(wake)
+
+    async def _wake(self, run_id: str) -> None:
+        found = await self.store.get_run(run_id)
+        if found is None or found[0].status.terminal:
+            return
+        record = found[0]
+        message = RunMessage(run_id=run_id, reason="slot")
+        await self.bus.publish_run(
+            record.app, record.fn, message, msg_id=f"{run_id}:slot:{secrets.token_hex(4)}"
+        )
 
     def _ttl(self) -> int:
-        return self.lease_ms // 1000 + 60
+        return max(self.lease_ms, concurrency.WAIT_LEASE_MS) // 1000 + 60

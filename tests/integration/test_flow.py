@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
+
+import nats
 
 import meshflow
 from meshflow.server import EmbeddedServer
@@ -203,3 +206,51 @@ async def test_batches_of_at_most_100_the_last_on_timeout(
     assert last.started_at is not None
     assert last.started_at - last.created_at >= 1000  # it waited for the timeout
     assert all((r.started_at or 0) - r.created_at < 1000 for r in full)  # full ones started at once
+
+
+async def test_priority_reorders_runs_waiting_for_a_concurrency_slot(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app = meshflow.App("prio")
+    gate = asyncio.Event()
+    order: list[str] = []
+
+    async def work(name: str) -> None:
+        order.append(name)
+        if name == "blocker":
+            await gate.wait()
+
+    @app.function(
+        "job",
+        trigger="job/go",
+        concurrency=meshflow.Concurrency(limit=1),
+        priority=meshflow.Priority(run="event.data.plan == 'enterprise' ? 120 : 0"),
+    )
+    async def job(ctx: meshflow.Context) -> None:
+        await ctx.step.run("work", work, ctx.event.data["name"])
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        blocker = meshflow.Event(name="job/go", data={"name": "blocker", "plan": "free"})
+        await client.send(blocker)
+        await wait_until(lambda: order == ["blocker"], timeout=10)
+        queued = [meshflow.Event(name="job/go", data={"name": f"free-{i}", "plan": "free"}) for i in range(4)]
+        vip = meshflow.Event(name="job/go", data={"name": "vip", "plan": "enterprise"})
+        for e in [*queued, vip]:
+            await client.send(e)
+
+        nc = await nats.connect(nats_server.url)
+        try:
+            slots = await nc.jetstream().key_value(client.names.flow_bucket)
+
+            async def all_waiting() -> bool:  # every run has asked for the slot and queued
+                entry = await slots.get(f"cc.{job.full_id}._")
+                return len(json.loads(entry.value or b"{}").get("waiting", {})) == 5
+
+            await wait_until(all_waiting, timeout=10)
+        finally:
+            await nc.close()
+        gate.set()
+        for e in [blocker, *queued, vip]:
+            await client.wait_for_run(job.run_id_for(e), timeout=30)
+    assert order[:2] == ["blocker", "vip"]  # 120 s of priority: ahead of runs that waited seconds
+    assert sorted(order[2:]) == [f"free-{i}" for i in range(4)]

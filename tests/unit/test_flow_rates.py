@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshflow.flow import ratelimit, throttle
+from meshflow.flow import concurrency, ratelimit, throttle
 
 MINUTE = 60_000
 
@@ -53,13 +53,33 @@ def test_throttle_after_a_quiet_spell_starts_at_once() -> None:
 
 
 def test_concurrency_counts_live_holders_and_frees_expired_leases() -> None:
-    from meshflow.flow import concurrency
+    state = concurrency.State()
+    ok, state = concurrency.acquire(state, "r1.a", "r1", 0, limit=2, lease_ms=1000)
+    assert ok
+    ok, state = concurrency.acquire(state, "r2.a", "r2", 10, limit=2, lease_ms=1000)
+    assert ok
+    ok, state = concurrency.acquire(state, "r3.a", "r3", 20, limit=2, lease_ms=1000)
+    assert not ok  # full: r3 waits
+    assert set(state.waiting) == {"r3"}
+    ok, state = concurrency.acquire(state, "r3.b", "r3", 1005, limit=2, lease_ms=1000)
+    assert ok  # r1's lease ran out (its worker died): the slot is free again
+    assert set(state.holders) == {"r2.a", "r3.b"}
+    assert state.waiting == {}
 
-    holders = concurrency.acquire({}, "r1", 0, limit=2, lease_ms=1000)
-    assert holders == {"r1": 1000}
-    holders = concurrency.acquire(holders, "r2", 10, limit=2, lease_ms=1000)
-    assert holders is not None
-    assert concurrency.acquire(holders, "r3", 20, limit=2, lease_ms=1000) is None  # full
-    assert concurrency.acquire(holders, "r1", 20, limit=2, lease_ms=1000) == {"r1": 1020, "r2": 1010}  # renew
-    assert concurrency.acquire(holders, "r3", 1005, limit=2, lease_ms=1000) == {"r2": 1010, "r3": 2005}
-    assert concurrency.release(holders, "r1", 20) == {"r2": 1010}
+
+def test_a_free_slot_goes_to_the_first_waiting_run_unless_priority_says_otherwise() -> None:
+    state = concurrency.State()
+    _, state = concurrency.acquire(state, "h.x", "h", 0, limit=1, lease_ms=60_000)
+    for i, run in enumerate(["a", "b", "c"]):  # a, b, c queue up one second apart
+        ok, state = concurrency.acquire(state, f"{run}.x", run, 1000 * (i + 1), limit=1, lease_ms=60_000)
+        assert not ok
+    ok, state = concurrency.acquire(state, "v.x", "v", 3500, limit=1, lease_ms=60_000, priority_ms=2000)
+    assert not ok  # "v" waited 2 s less than "b" and "c", but has 2 s of priority
+    state, wake = concurrency.release(state, "h.x", 4000, limit=1)
+    assert wake == "a"  # first come, first served
+    ok, _ = concurrency.acquire(state, "c.y", "c", 4001, limit=1, lease_ms=60_000)
+    assert not ok  # "c" may not jump the queue
+    ok, state = concurrency.acquire(state, "a.y", "a", 4002, limit=1, lease_ms=60_000)
+    assert ok
+    state, wake = concurrency.release(state, "a.y", 5000, limit=1)
+    assert wake == "v"  # its score (3500 - 2000) is lower than b's (2000) and c's (3000)
