@@ -73,6 +73,7 @@ class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
     idempotency: str | None = None
     start_timeout_ms: int | None = None
     finish_timeout_ms: int | None = None
+    flow: list[str] = msgspec.field(default_factory=list)  # flow control, one line each
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):

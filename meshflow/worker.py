@@ -183,6 +183,7 @@ class Worker(Triggers):
                     idempotency=fn.idempotency.source if fn.idempotency else None,
                     start_timeout_ms=fn.start_timeout_ms,
                     finish_timeout_ms=fn.finish_timeout_ms,
+                    flow=fn.flow.describe(),
                 )
             )
         n = self.names

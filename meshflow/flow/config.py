@@ -126,6 +126,37 @@ class FlowSpec:
     priority: Expression | None = None
     singleton: tuple[Expression | None, str] | None = None
 
+    def describe(self) -> list[str]:
+        """One line per control, for the registry (the dashboard's functions page)."""
+
+        def key(expr: Expression | None) -> str:
+            return f" per {expr.source}" if expr is not None else ""
+
+        lines = [
+            f"concurrency {c.limit}{key(c.key)}{' (env)' if c.scope == 'env' else ''}"
+            for c in self.concurrency
+        ]
+        if self.throttle:
+            t = self.throttle
+            lines.append(f"throttle {t.limit} per {t.period_ms} ms, burst {t.burst}{key(t.key)}")
+        if self.rate_limit:
+            r = self.rate_limit
+            lines.append(f"rate limit {r.limit} per {r.period_ms} ms{key(r.key)}")
+        if self.debounce:
+            d = self.debounce
+            timeout = f", at most {d.timeout_ms} ms" if d.timeout_ms else ""
+            lines.append(
+                f"debounce {d.period_ms} ms{timeout}{key(d.key)}{', all events' if d.all_events else ''}"
+            )
+        if self.batch:
+            b = self.batch
+            lines.append(f"batch of {b.max_size} or {b.period_ms} ms{key(b.key)}")
+        if self.priority is not None:
+            lines.append(f"priority {self.priority.source}")
+        if self.singleton is not None:
+            lines.append(f"singleton ({self.singleton[1]}){key(self.singleton[0])}")
+        return lines
+
     @property
     def gated(self) -> bool:
         """Whether a run's start depends on anything but its event."""

@@ -59,3 +59,11 @@ def test_valid_flow_control_is_kept_in_checked_form() -> None:
     assert fn.flow.singleton is not None
     assert fn.flow.singleton[1] == "cancel"
     assert fn.flow.gated
+
+
+def test_flow_control_is_described_for_the_dashboard() -> None:
+    fn = register(
+        rate_limit=meshflow.RateLimit(limit=2, period="1h", key="event.data.account"),
+        singleton=meshflow.Singleton(mode="skip"),
+    )
+    assert fn.flow.describe() == ["rate limit 2 per 3600000 ms per event.data.account", "singleton (skip)"]
