@@ -6,7 +6,9 @@ Two kinds of figures:
   from its start (counters restart with the dashboard, as Prometheus expects):
   ``meshflow_runs_finished_total{function,status}``, ``meshflow_steps_total{function,kind,status}``
   and ``meshflow_step_duration_seconds{function,kind}`` (a histogram);
-- read at scrape time: ``meshflow_consumer_pending{function,consumer}`` and
+- read at scrape time: ``meshflow_trigger_events_total{function}`` (events each function's
+  trigger consumer handled: the runs it started, plus events its ``if_`` or flow control turned
+  away), ``meshflow_consumer_pending{function,consumer}`` and
   ``meshflow_consumer_ack_pending{function,consumer}`` (the backlog of each function's events
   and runs consumers), ``meshflow_workers`` and ``meshflow_recent_runs{function,status}`` (the
   statuses of the most recently updated runs, a bounded sample).
@@ -116,7 +118,14 @@ class Metrics:
             registry=scrape,
         )
         workers = Gauge("meshflow_workers", "Workers running now", registry=scrape)
+        handled = Counter(
+            "meshflow_trigger_events",
+            "Events a function's trigger consumer has handled (each started a run or was turned away)",
+            ["function"],
+            registry=scrape,
+        )
         for info in await client.functions():
+            handled.labels(info.full_id).inc(await client.events_handled(info.full_id))
             for consumer, (waiting, unacked) in (await client.backlog(info.full_id)).items():
                 pending.labels(info.full_id, consumer).set(waiting)
                 acking.labels(info.full_id, consumer).set(unacked)

@@ -362,6 +362,17 @@ class Client:
                 out[label] = state
         return out
 
+    async def events_handled(self, function_id: str) -> int:
+        """How many events a function's trigger consumer has handled since it was created (each
+        started a run, or was turned away by its trigger's ``if_`` or flow control)."""
+        info = await self._store.get_function(function_id)
+        if info is None or not info.triggers:
+            return 0
+        done = await self._store.consumer_done(
+            self.names.events_stream, self.names.trigger_consumer(info.app, info.id)
+        )
+        return done or 0
+
     async def follow_events(self, name: str) -> AsyncGenerator[Event, None]:
         """The events named ``name`` sent from the moment this returns (its subscription is
         made before it returns, so nothing sent afterwards is missed)."""

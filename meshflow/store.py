@@ -100,9 +100,15 @@ class _StreamInfo(msgspec.Struct, frozen=True):
     state: StreamState = StreamState()
 
 
+class _SeqPair(msgspec.Struct, frozen=True):
+    consumer_seq: int = 0
+    stream_seq: int = 0
+
+
 class _ConsumerInfo(msgspec.Struct, frozen=True):
     num_pending: int = 0
     num_ack_pending: int = 0
+    ack_floor: _SeqPair = _SeqPair()
     error: dict[str, Any] | None = None
 
 
@@ -496,6 +502,15 @@ class Store:
 
     async def consumer_backlog(self, stream: str, consumer: str) -> tuple[int, int] | None:
         """(messages not yet delivered, delivered but not acknowledged) of a consumer, or None."""
+        info = await self._consumer_info(stream, consumer)
+        return None if info is None else (info.num_pending, info.num_ack_pending)
+
+    async def consumer_done(self, stream: str, consumer: str) -> int | None:
+        """How many messages a consumer has had acknowledged (its ack floor), or None."""
+        info = await self._consumer_info(stream, consumer)
+        return None if info is None else info.ack_floor.consumer_seq
+
+    async def _consumer_info(self, stream: str, consumer: str) -> _ConsumerInfo | None:
         try:
             msg = await self.requests.request(
                 f"$JS.API.CONSUMER.INFO.{stream}.{consumer}", b"", None, _TIMEOUT
@@ -503,9 +518,7 @@ class Store:
         except _READ_ERRORS as exc:
             raise NatsError(f"cannot read consumer {consumer}: {exc!r}") from exc
         info = _consumer_info_decoder.decode(msg.data)
-        if info.error is not None:
-            return None
-        return info.num_pending, info.num_ack_pending
+        return None if info.error is not None else info
 
     # --- registry -----------------------------------------------------------------------------
     async def put_function(self, info: FunctionInfo) -> None:

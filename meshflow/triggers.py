@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import structlog
@@ -24,6 +24,7 @@ from .cron import Cron
 from .durations import from_ms, now_ms, rfc3339
 from .errors import RunNotFoundError
 from .events import Event, decode_event
+from .flow.slots import Slot
 from .flow.starts import Admission, Starts
 from .flow.windows import Windows
 from .functions import Function
@@ -32,9 +33,6 @@ from .lifecycle import Lifecycle
 from .names import EVENT_CRON
 from .runs import ErrorInfo, Lease, RunRecord, RunStatus
 from .store import Store
-
-if TYPE_CHECKING:
-    from .worker import _Holder
 
 log = structlog.get_logger("meshflow.worker")
 
@@ -62,7 +60,7 @@ class Triggers:
         self,
         fn: Function,
         msg: Any,
-        holder: _Holder,
+        holder: Holder,
         *,
         memos: dict[str, Any] | None,
         rmsg: RunMessage | None,
@@ -160,7 +158,7 @@ class Triggers:
         if record.status is RunStatus.QUEUED:  # waits for a concurrency slot
             await self._resume(fn, msg, (record, rev), rmsg=None)
             return
-        await self._advance(fn, msg, _Holder(record, rev), memos={}, rmsg=None)
+        await self._advance(fn, msg, Holder(record, rev), memos={}, rmsg=None)
 
     async def _on_cron(self, fn: Function, msg: Any, rmsg: RunMessage) -> None:
         """A cron tick fired: arm the next one, then start the tick's run (one per tick: its id
@@ -180,3 +178,16 @@ class Triggers:
 def cron_key(cron: Cron) -> str:
     """A short stable id of a cron trigger: names its schedule, and keys its ticks' runs."""
     return hashlib.sha1(cron.source.encode(), usedforsecurity=False).hexdigest()[:12]
+
+
+class Holder:
+    """The lease holder's latest view of the run record and its revision (and the concurrency
+    slots the pass holds)."""
+
+    __slots__ = ("owner", "record", "rev", "slots")
+
+    def __init__(self, record: RunRecord, rev: int, slots: list[Slot] | None = None, owner: str = "") -> None:
+        self.record = record
+        self.rev = rev
+        self.slots = slots or []
+        self.owner = owner

@@ -61,7 +61,7 @@ from .runs import (
 )
 from .store import FunctionInfo, RunConflict, Store, WorkerInfo
 from .timers import LocalTimers, WarmRun
-from .triggers import Triggers, cron_key
+from .triggers import Holder, Triggers, cron_key
 
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
@@ -434,7 +434,7 @@ class Worker(Triggers):
             await self.slots.release(slots, owner)
             await msg.ack()  # cancelled by an event already sent; the cancel message ends it
             return
-        await self._advance(fn, msg, _Holder(leased, rev, slots, owner), memos=None, rmsg=rmsg, before=record)
+        await self._advance(fn, msg, Holder(leased, rev, slots, owner), memos=None, rmsg=rmsg, before=record)
 
     async def _on_timeout(self, record: RunRecord, key: str) -> None:
         fn = self.functions[record.function]
@@ -460,7 +460,7 @@ class Worker(Triggers):
         self,
         fn: Function,
         msg: Any,
-        holder: _Holder,
+        holder: Holder,
         *,
         memos: dict[str, StepMemo] | None,
         rmsg: RunMessage | None,
@@ -485,7 +485,7 @@ class Worker(Triggers):
         self,
         fn: Function,
         msg: Any | None,
-        holder: _Holder,
+        holder: Holder,
         *,
         memos: dict[str, StepMemo] | None,
         rmsg: RunMessage | None,
@@ -556,7 +556,7 @@ class Worker(Triggers):
                 resolved = True
         return resolved
 
-    async def _heartbeat(self, msg: Any | None, holder: _Holder) -> None:
+    async def _heartbeat(self, msg: Any | None, holder: Holder) -> None:
         """While a long pass runs: keep the message from redelivery and renew the lease."""
         while True:
             await asyncio.sleep(self.ack_wait / 3)
@@ -583,7 +583,7 @@ class Worker(Triggers):
     async def _finish(
         self,
         fn: Function,
-        holder: _Holder,
+        holder: Holder,
         before: RunRecord,
         rmsg: RunMessage | None,
         outcome: replay.Outcome,
@@ -692,7 +692,7 @@ class Worker(Triggers):
             self._active.add(record.id)
             try:
                 await self._advance_leased(
-                    fn, None, _Holder(leased, rev), memos=memos, rmsg=wake, before=record
+                    fn, None, Holder(leased, rev), memos=memos, rmsg=wake, before=record
                 )
             finally:
                 self._active.discard(record.id)
@@ -710,7 +710,7 @@ class Worker(Triggers):
         if run.parent is not None:
             await self.life.notify_parent(run)
 
-    async def _write_final(self, holder: _Holder, final: RunRecord) -> None:
+    async def _write_final(self, holder: Holder, final: RunRecord) -> None:
         for _ in range(10):
             try:
                 holder.rev = await self.store.update_run(final, holder.rev)
@@ -759,16 +759,3 @@ def _log_outcome(run: RunRecord) -> None:
     else:
         until = min(p.until for p in run.pending) if run.pending else NEVER
         log.info(f"run {run.status}", resumes_in_ms=until - now_ms() if until < NEVER else None, **fields)
-
-
-class _Holder:
-    """The lease holder's latest view of the run record and its revision (and the concurrency
-    slots the pass holds)."""
-
-    __slots__ = ("owner", "record", "rev", "slots")
-
-    def __init__(self, record: RunRecord, rev: int, slots: list[Slot] | None = None, owner: str = "") -> None:
-        self.record = record
-        self.rev = rev
-        self.slots = slots or []
-        self.owner = owner

@@ -214,11 +214,11 @@ async def test_metrics_count_finished_runs_and_steps_and_show_backlogs(
 
             async def scraped() -> str | None:
                 text = (await http.get("/metrics")).text
-                return (
-                    text
-                    if 'meshflow_runs_finished_total{function="demo-greet",status="completed"} 1.0' in text
-                    else None
+                finished = (
+                    'meshflow_runs_finished_total{function="demo-greet",status="completed"} 1.0' in text
                 )
+                handled = 'meshflow_trigger_events_total{function="demo-greet"} 1.0' in text  # acked last
+                return text if finished and handled else None
 
             text = await wait_until(scraped, timeout=10)
     finally:
@@ -227,6 +227,7 @@ async def test_metrics_count_finished_runs_and_steps_and_show_backlogs(
     assert 'meshflow_step_duration_seconds_count{function="demo-greet",kind="run"} 1.0' in text
     assert 'meshflow_consumer_pending{consumer="events",function="demo-greet"} 0.0' in text
     assert "meshflow_workers 1.0" in text
+    assert 'meshflow_trigger_events_total{function="demo-greet"} 1.0' in text
 
 
 async def test_odd_ids_and_names_in_urls_are_not_found_not_errors(web: httpx.AsyncClient) -> None:

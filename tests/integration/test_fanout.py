@@ -82,3 +82,39 @@ async def test_an_event_stored_twice_past_the_dedupe_window_still_makes_one_run(
         await wait_until(lambda: marker.id in executions)
 
     assert executions.count(event.id) == 1
+
+
+async def test_in_normal_operation_each_event_is_delivered_to_its_function_once(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    """No event comes back for redelivery when nothing fails: a worker that errors on its way
+    to starting a run (and so leaves the event to be redelivered) shows up here."""
+    app = meshflow.App("once")
+
+    @app.function("plain", trigger="once/go")
+    async def plain(ctx: meshflow.Context) -> int:
+        return int(await ctx.step.run("one", lambda: 1))
+
+    @app.function(
+        "limited",
+        trigger="once/go",
+        concurrency=meshflow.Concurrency(limit=5),
+        throttle=meshflow.Throttle(limit=100, period="1s"),
+    )
+    async def limited(ctx: meshflow.Context) -> int:
+        return int(await ctx.step.run("one", lambda: 1))
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        events = [meshflow.Event(name="once/go", data={"i": i}) for i in range(20)]
+        await client.send(events)
+        for fn in (plain, limited):
+            for e in events:
+                await client.wait_for_run(fn.run_id_for(e), steps=False)
+
+        async def acked() -> bool:
+            counts = [await client.events_handled(f.full_id) for f in (plain, limited)]
+            return all(n >= 20 for n in counts)
+
+        await wait_until(acked, timeout=10)
+        handled = {f.full_id: await client.events_handled(f.full_id) for f in (plain, limited)}
+    assert handled == {plain.full_id: 20, limited.full_id: 20}
