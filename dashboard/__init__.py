@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 
 import uvicorn
 
+import meshflow
+
 from .app import create_app
 from .security import Auth, check_bind
 
@@ -39,11 +41,12 @@ class Dashboard:
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
         auth: Auth | None = None,
+        nats_auth: meshflow.NatsAuth | None = None,
     ) -> None:
         auth = auth or Auth()
         check_bind(host, auth)
         self.url = f"http://{host}:{port}"
-        app = create_app(nats, namespace=namespace, auth=auth)
+        app = create_app(nats, namespace=namespace, auth=auth, nats_auth=nats_auth)
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", lifespan="on", access_log=False
         )

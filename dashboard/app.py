@@ -29,6 +29,7 @@ def create_app(
     namespace: str = "mf",
     auth: Auth | None = None,
     client: meshflow.Client | None = None,
+    nats_auth: meshflow.NatsAuth | None = None,
 ) -> Guard:
     """The dashboard as an ASGI app.
 
@@ -37,6 +38,7 @@ def create_app(
         namespace: its namespace.
         auth: who may sign in (`Auth`); none means open to whoever reaches it (bind loopback only).
         client: an already connected client to use instead of connecting (tests).
+        nats_auth: credentials and TLS for NATS.
     """
 
     @contextlib.asynccontextmanager
@@ -44,7 +46,7 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             if client is None:
                 app.state.client = await stack.enter_async_context(
-                    meshflow.connect(nats, namespace=namespace)
+                    meshflow.connect(nats, namespace=namespace, auth=nats_auth)
                 )
             app.state.metrics.start(app.state.client)
             stack.push_async_callback(app.state.metrics.stop)

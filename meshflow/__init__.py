@@ -4,6 +4,7 @@ from .client import Client as Client
 from .client import Run as Run
 from .client import StepInfo as StepInfo
 from .client import connect as connect
+from .connection import NatsAuth as NatsAuth
 from .errors import ConfigError as ConfigError
 from .errors import DurationError as DurationError
 from .errors import EventError as EventError
@@ -52,6 +53,7 @@ __all__ = [
     "EventError",
     "Function",
     "MeshflowError",
+    "NatsAuth",
     "NatsError",
     "NestedStepError",
     "NonDeterminismError",

@@ -22,6 +22,7 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js.api import (
     AckPolicy,
@@ -33,6 +34,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from .connection import NatsAuth
 from .durations import from_ms, rfc3339
 from .errors import EventError, NatsError
 from .functions import Function
@@ -57,9 +59,13 @@ DUPLICATE_WINDOW = dt.timedelta(minutes=2)
 ACK_WAIT = 30.0
 MAX_ACK_PENDING = 10_000
 PUBLISH_DEADLINE = 30.0
+#: How long a process waits at start for a NATS server that is not up yet.
+CONNECT_WAIT = 30.0
 PUBLISH_ATTEMPT_TIMEOUT = 3.0
 #: ``publish_many`` keeps at most this many publishes in flight.
 PUBLISH_WINDOW = 1024
+
+log = structlog.get_logger("meshflow.nats")
 
 NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, asyncio.TimeoutError, OSError)
 
@@ -308,20 +314,54 @@ def decode_run_message(raw: bytes) -> RunMessage:
     return _run_msg_decoder.decode(raw)
 
 
-async def open_nats(servers: str | Sequence[str], *, name: str = "meshflow") -> NatsClient:
-    """Connect to NATS, reconnecting forever when the server restarts."""
+async def open_nats(
+    servers: str | Sequence[str],
+    *,
+    name: str = "meshflow",
+    auth: NatsAuth | None = None,
+    wait: float = CONNECT_WAIT,
+) -> NatsClient:
+    """Connect to NATS; once connected, reconnect forever when the server restarts.
+
+    A server that is not up yet is retried for ``wait`` seconds; refused credentials fail at once.
+    """
     urls = [servers] if isinstance(servers, str) else list(servers)
-    try:
-        return await nats.connect(
-            servers=urls,
-            name=name,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-            connect_timeout=5,
-            allow_reconnect=True,
-        )
-    except NATS_ERRORS as exc:
-        raise NatsError(f"cannot connect to NATS at {', '.join(urls)}: {exc!r}") from exc
+    options = (auth or NatsAuth()).options()
+    errors: list[BaseException] = []
+    connected = False
+
+    async def on_error(exc: Exception) -> None:
+        if connected:
+            log.warning("nats error", error=repr(exc))
+        else:
+            errors.append(exc)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            nc = await nats.connect(
+                servers=urls,
+                name=name,
+                max_reconnect_attempts=1,  # the initial attempts; forever once connected (below)
+                reconnect_time_wait=0.25,
+                connect_timeout=5,
+                allow_reconnect=True,
+                error_cb=on_error,
+                **options,
+            )
+        except NATS_ERRORS as exc:
+            refused = next(
+                (e for e in errors if "authori" in str(e).lower() or "authenticat" in str(e).lower()), None
+            )
+            if refused is not None or loop.time() >= deadline:
+                cause = refused or exc
+                raise NatsError(f"cannot connect to NATS at {', '.join(urls)}: {cause!r}") from cause
+            await asyncio.sleep(0.5)
+            continue
+        connected = True
+        nc.options["max_reconnect_attempts"] = -1
+        return nc
 
 
 class Bus:
@@ -332,6 +372,13 @@ class Bus:
         self.js = nc.jetstream(timeout=10)
         self.names = names
         self.requests = requester or Requester(nc)
+
+    def default_replicas(self) -> int:
+        """3 when the server is part of a cluster of three or more (it advertises the others'
+        client URLs), else 1."""
+        info = getattr(self.nc, "_server_info", None) or {}
+        peers = len(info.get("connect_urls") or [])
+        return 3 if info.get("cluster") and peers + 1 >= 3 else 1
 
     @property
     def max_payload(self) -> int:

@@ -28,6 +28,7 @@ import msgspec
 from . import bench
 from .bus import ACK_WAIT
 from .client import connect
+from .connection import NatsAuth
 from .errors import MeshflowError
 from .events import Event
 from .functions import App
@@ -77,6 +78,8 @@ async def _worker(args: argparse.Namespace) -> None:
         namespace=args.namespace,
         concurrency=args.concurrency,
         ack_wait=args.ack_wait,
+        auth=_auth(args),
+        replicas=args.replicas,
     )
     await worker.serve()
 
@@ -129,7 +132,12 @@ async def _dashboard(args: argparse.Namespace) -> None:
 
     auth = Auth(token=args.token or None, username=args.user or None, password=args.password or None)
     board = Dashboard(
-        args.nats.split(","), namespace=args.namespace, host=args.host, port=args.port, auth=auth
+        args.nats.split(","),
+        namespace=args.namespace,
+        host=args.host,
+        port=args.port,
+        auth=auth,
+        nats_auth=_auth(args),
     )
     print(f"meshflow dashboard  {board.url}", flush=True)
     loop = asyncio.get_running_loop()
@@ -147,26 +155,42 @@ async def _send(args: argparse.Namespace) -> None:
     kwargs: dict[str, Any] = {"name": args.name, "data": data}
     if args.id:
         kwargs["id"] = args.id
-    async with connect(args.nats.split(","), namespace=args.namespace) as client:
+    async with connect(args.nats.split(","), namespace=args.namespace, auth=_auth(args)) as client:
         ids = await client.send(Event(**kwargs))
     print(ids[0])
 
 
 async def _show_run(args: argparse.Namespace) -> None:
-    async with connect(args.nats.split(","), namespace=args.namespace) as client:
+    async with connect(args.nats.split(","), namespace=args.namespace, auth=_auth(args)) as client:
         run = await client.get_run(args.run_id)
     print(json.dumps(msgspec.to_builtins(run), indent=2))
 
 
 async def _cancel(args: argparse.Namespace) -> None:
-    async with connect(args.nats.split(","), namespace=args.namespace) as client:
+    async with connect(args.nats.split(","), namespace=args.namespace, auth=_auth(args)) as client:
         asked = await client.cancel(args.run_id, reason=args.reason)
     print("cancelling" if asked else "already finished")
 
 
 async def _replay(args: argparse.Namespace) -> None:
-    async with connect(args.nats.split(","), namespace=args.namespace) as client:
+    async with connect(args.nats.split(","), namespace=args.namespace, auth=_auth(args)) as client:
         print(await client.replay(args.run_id))
+
+
+_AUTH_FLAGS = (
+    ("--nats-user", "user", "NATS user (env MESHFLOW_NATS_USER; with --nats-password)"),
+    ("--nats-password", "password", "env MESHFLOW_NATS_PASSWORD"),
+    ("--nats-token", "token", "NATS token (env MESHFLOW_NATS_TOKEN)"),
+    ("--nats-nkey", "nkey_seed", "nkey seed file (env MESHFLOW_NATS_NKEY)"),
+    ("--nats-creds", "creds", ".creds file (env MESHFLOW_NATS_CREDS)"),
+    ("--nats-tls-ca", "tls_ca", "CA bundle (env MESHFLOW_NATS_TLS_CA)"),
+    ("--nats-tls-cert", "tls_cert", "client certificate (env MESHFLOW_NATS_TLS_CERT)"),
+    ("--nats-tls-key", "tls_key", "client key (env MESHFLOW_NATS_TLS_KEY)"),
+)
+
+
+def _auth(args: argparse.Namespace) -> NatsAuth:
+    return NatsAuth(**{field: getattr(args, f"nats_{field}", None) for _, field, _ in _AUTH_FLAGS})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -180,6 +204,9 @@ def _parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--nats", default=env_nats, help="NATS URL(s), comma separated (env MESHFLOW_NATS)")
         p.add_argument("--namespace", default=env_ns, help="deployment namespace (env MESHFLOW_NAMESPACE)")
+        env = NatsAuth.from_env()
+        for flag, field, what in _AUTH_FLAGS:
+            p.add_argument(flag, dest=f"nats_{field}", default=getattr(env, field), help=what)
 
     p = sub.add_parser("worker", help="run a worker for an app")
     p.add_argument("app", help="module:attribute naming a meshflow.App")
@@ -187,6 +214,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=64, help="events and runs worked on at once")
     p.add_argument(
         "--ack-wait", type=float, default=ACK_WAIT, help="seconds before a dead worker's work moves on"
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="replicas of the streams it creates (default: 3 on a cluster)",
     )
     p.set_defaults(func=_worker)
 

@@ -20,6 +20,7 @@ import msgspec
 
 from .bus import NATS_ERRORS, Bus, Following, RunMessage, open_nats
 from .codec import decode_value
+from .connection import NatsAuth
 from .control import request_cancel
 from .cron import parse_cron
 from .durations import epoch_ms, from_ms, now_ms
@@ -431,20 +432,31 @@ class connect:
     Args:
         servers: one NATS URL or several (a cluster).
         namespace: the deployment's namespace (default ``mf``).
+        auth: credentials and TLS for NATS (`NatsAuth`).
+        replicas: replicas of the streams and buckets it creates if they are missing (default: 3
+            on a cluster of three or more servers, else 1).
     """
 
     def __init__(
-        self, servers: str | Sequence[str] = "nats://127.0.0.1:4222", *, namespace: str = DEFAULT_NAMESPACE
+        self,
+        servers: str | Sequence[str] = "nats://127.0.0.1:4222",
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        auth: NatsAuth | None = None,
+        replicas: int | None = None,
     ) -> None:
         self._servers = servers
         self._names = Names(namespace)
+        self._auth = auth
+        self._replicas = replicas
         self._client: Client | None = None
 
     async def _open(self) -> Client:
-        nc = await open_nats(self._servers, name="meshflow-client")
+        nc = await open_nats(self._servers, name="meshflow-client", auth=self._auth)
         bus = Bus(nc, self._names)
-        await bus.ensure_streams()
-        store = await Store(nc, self._names, bus.requests).open()
+        replicas = self._replicas or bus.default_replicas()
+        await bus.ensure_streams(replicas=replicas)
+        store = await Store(nc, self._names, bus.requests).open(replicas=replicas)
         self._client = Client(bus, store)
         return self._client
 

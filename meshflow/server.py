@@ -64,6 +64,7 @@ class EmbeddedServer:
         port: the client port; ``None`` lets the server pick a free one.
         sync_always: fsync every write (``sync_interval: always``) instead of every 2 minutes.
         max_payload: the largest message the server accepts, in bytes.
+        extra_config: more nats-server configuration (an ``authorization`` block, say).
     """
 
     def __init__(
@@ -73,11 +74,13 @@ class EmbeddedServer:
         port: int | None = None,
         sync_always: bool = False,
         max_payload: int | None = None,
+        extra_config: str = "",
     ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port
         self.sync_always = sync_always
         self.max_payload = max_payload
+        self.extra_config = extra_config
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_path = self.store_dir / "nats-server.log"
 
@@ -103,6 +106,8 @@ class EmbeddedServer:
         lines.append("}")
         if self.max_payload is not None:
             lines.append(f"max_payload: {self.max_payload}")
+        if self.extra_config:
+            lines.append(self.extra_config)
         path = self.store_dir / "nats-server.conf"
         path.write_text("\n".join(lines) + "\n")
         return path

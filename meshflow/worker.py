@@ -35,6 +35,7 @@ import structlog
 
 from . import replay
 from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, decode_run_message, open_nats
+from .connection import NatsAuth
 from .control import request_cancel
 from .durations import epoch_ms, format_duration, now_ms
 from .errors import MeshflowError, NatsError
@@ -110,6 +111,9 @@ class Worker(Triggers):
         ack_wait: seconds before a message (and a run lease) held by a silent worker is handed to
             another one; how fast work moves on after a worker dies. The function's consumers take
             the value of the worker that last provisioned them.
+        auth: credentials and TLS for NATS (`NatsAuth`).
+        replicas: replicas of the streams and buckets it creates if they are missing (default: 3
+            on a cluster of three or more servers, else 1). Existing ones are left as they are.
     """
 
     def __init__(
@@ -120,6 +124,8 @@ class Worker(Triggers):
         concurrency: int = 64,
         worker_id: str | None = None,
         ack_wait: float = ACK_WAIT,
+        auth: NatsAuth | None = None,
+        replicas: int | None = None,
     ) -> None:
         if not apps:
             raise MeshflowError("a worker needs at least one App")
@@ -130,6 +136,8 @@ class Worker(Triggers):
                     raise MeshflowError(f"function {fn.full_id} is served twice by this worker")
                 self.functions[fn.full_id] = fn
         self.servers = nats
+        self.auth = auth
+        self.replicas = replicas
         self.names = Names(namespace)
         self.concurrency = concurrency
         self.ack_wait = ack_wait
@@ -155,7 +163,7 @@ class Worker(Triggers):
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect, provision streams, buckets and consumers, and start pulling."""
-        self.nc = await open_nats(self.servers, name=f"meshflow-worker-{self.id}")
+        self.nc = await open_nats(self.servers, name=f"meshflow-worker-{self.id}", auth=self.auth)
         self.bus = Bus(self.nc, self.names)
         self.store = Store(self.nc, self.names, self.bus.requests)
         self.router = Router(self.store, self.bus, self.names, self._follow_route, ack_wait=self.ack_wait)
@@ -163,8 +171,9 @@ class Worker(Triggers):
         self.starts = Starts(self.store)
         self.windows = Windows(self.store, self.bus)
         self.slots = Slots(self.store, self.bus, self.lease_ms)
-        await self.bus.ensure_streams()
-        await self.store.open()
+        replicas = self.replicas or self.bus.default_replicas()
+        await self.bus.ensure_streams(replicas=replicas)
+        await self.store.open(replicas=replicas)
         for fn in self.functions.values():
             await self.bus.ensure_consumers(fn, ack_wait=self.ack_wait)
             await self.store.put_function(

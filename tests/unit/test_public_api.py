@@ -18,6 +18,7 @@ PUBLIC_API = [
     "EventError",
     "Function",
     "MeshflowError",
+    "NatsAuth",
     "NatsError",
     "NestedStepError",
     "NonDeterminismError",
