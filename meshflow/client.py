@@ -435,6 +435,8 @@ class connect:
         auth: credentials and TLS for NATS (`NatsAuth`).
         replicas: replicas of the streams and buckets it creates if they are missing (default: 3
             on a cluster of three or more servers, else 1).
+        provision: create missing streams and buckets. ``False`` for identities that may only
+            send events (a publisher): the client then touches nothing but the events it sends.
     """
 
     def __init__(
@@ -444,8 +446,10 @@ class connect:
         namespace: str = DEFAULT_NAMESPACE,
         auth: NatsAuth | None = None,
         replicas: int | None = None,
+        provision: bool = True,
     ) -> None:
         self._servers = servers
+        self._provision = provision
         self._names = Names(namespace)
         self._auth = auth
         self._replicas = replicas
@@ -454,9 +458,11 @@ class connect:
     async def _open(self) -> Client:
         nc = await open_nats(self._servers, name="meshflow-client", auth=self._auth)
         bus = Bus(nc, self._names)
-        replicas = self._replicas or bus.default_replicas()
-        await bus.ensure_streams(replicas=replicas)
-        store = await Store(nc, self._names, bus.requests).open(replicas=replicas)
+        store = Store(nc, self._names, bus.requests)
+        if self._provision:
+            replicas = self._replicas or bus.default_replicas()
+            await bus.ensure_streams(replicas=replicas)
+            await store.open(replicas=replicas)
         self._client = Client(bus, store)
         return self._client
 
