@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import urllib.request
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
@@ -362,6 +363,41 @@ async def open_nats(
         connected = True
         nc.options["max_reconnect_attempts"] = -1
         return nc
+
+
+async def syncs_every_write(nc: NatsClient, monitor: str | None = None) -> bool | None:
+    """Whether the server fsyncs every write (``jetstream { sync_interval: always }``): asked of
+    its monitoring endpoint (``monitor``, like ``http://host:8222``) or, failing that, of the system
+    account; None when neither answers."""
+    varz: dict[str, Any] | None = None
+    if monitor:
+        url = monitor.rstrip("/") + "/varz"
+        try:
+            raw = await asyncio.to_thread(_fetch, url)
+            varz = msgspec.json.decode(raw)
+        except (OSError, ValueError, msgspec.DecodeError) as exc:
+            log.warning("could not read the server's monitoring endpoint", url=url, error=repr(exc))
+    if varz is None:
+        try:
+            reply = await nc.request("$SYS.REQ.SERVER.PING.VARZ", b"", timeout=1)
+            varz = msgspec.json.decode(reply.data).get("data")
+        except _VARZ_ERRORS:
+            varz = None
+    if not isinstance(varz, dict):
+        return None
+    config = (varz.get("jetstream") or {}).get("config") or {}
+    return bool(config.get("sync_always", False))
+
+
+_VARZ_ERRORS: tuple[type[BaseException], ...] = (*NATS_ERRORS, msgspec.DecodeError, AttributeError)
+
+
+def _fetch(url: str) -> bytes:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"not an http(s) URL: {url}")
+    with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310 - scheme checked above
+        data: bytes = response.read()
+        return data
 
 
 class Bus:

@@ -80,7 +80,12 @@ async def _worker(args: argparse.Namespace) -> None:
         ack_wait=args.ack_wait,
         auth=_auth(args),
         replicas=args.replicas,
+        monitor=args.nats_monitor,
     )
+    if args.provision_only:  # create streams, buckets and consumers, register the functions, exit
+        await worker.start()
+        await worker.stop()
+        return
     await worker.serve()
 
 
@@ -220,6 +225,16 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="replicas of the streams it creates (default: 3 on a cluster)",
+    )
+    p.add_argument(
+        "--provision-only",
+        action="store_true",
+        help="create the streams, buckets and consumers and register the functions, then exit",
+    )
+    p.add_argument(
+        "--nats-monitor",
+        default=os.environ.get("MESHFLOW_NATS_MONITOR"),
+        help="the server's monitoring URL, to check it syncs every write (env MESHFLOW_NATS_MONITOR)",
     )
     p.set_defaults(func=_worker)
 

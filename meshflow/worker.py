@@ -34,7 +34,7 @@ import nats.errors
 import structlog
 
 from . import replay
-from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, decode_run_message, open_nats
+from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, decode_run_message, open_nats, syncs_every_write
 from .connection import NatsAuth
 from .control import request_cancel
 from .durations import epoch_ms, format_duration, now_ms
@@ -114,6 +114,8 @@ class Worker(Triggers):
         auth: credentials and TLS for NATS (`NatsAuth`).
         replicas: replicas of the streams and buckets it creates if they are missing (default: 3
             on a cluster of three or more servers, else 1). Existing ones are left as they are.
+        monitor: the server's monitoring URL (``http://host:8222``), to check at start that it
+            syncs every write (the system account, if the worker's user has it, works too).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class Worker(Triggers):
         ack_wait: float = ACK_WAIT,
         auth: NatsAuth | None = None,
         replicas: int | None = None,
+        monitor: str | None = None,
     ) -> None:
         if not apps:
             raise MeshflowError("a worker needs at least one App")
@@ -138,6 +141,7 @@ class Worker(Triggers):
         self.servers = nats
         self.auth = auth
         self.replicas = replicas
+        self.monitor = monitor
         self.names = Names(namespace)
         self.concurrency = concurrency
         self.ack_wait = ack_wait
@@ -211,6 +215,7 @@ class Worker(Triggers):
         await self.router.discover()
         self._loops.append(asyncio.create_task(self._discover_routes()))
         self._started_at = now_ms()
+        await self._check_durability()
         await self._announce()
         self._loops.append(asyncio.create_task(self._announce_loop()))
         await self.nc.subscribe(n.cancel_subjects, cb=self._on_cancel_signal)
@@ -328,6 +333,21 @@ class Worker(Triggers):
     async def _follow_route(self, event_name: str, token: str) -> None:
         sub = await self.bus.pull(self.names.events_stream, self.names.route_consumer(token))
         self._loops.append(asyncio.create_task(self._pull_loop(sub, f"route {event_name}", self._on_routed)))
+
+    async def _check_durability(self) -> None:
+        """Warn, once, when the server can lose acknowledged writes on a crash (DESIGN §5)."""
+        syncs = await syncs_every_write(self.nc, self.monitor)
+        if syncs is False:
+            log.warning(
+                "the NATS server does not sync every write to disk: an OS crash or power loss can lose "
+                "acknowledged events and step results. Set `jetstream { sync_interval: always }` in its "
+                "config (docs/deploy.md)"
+            )
+        elif syncs is None:
+            log.info(
+                "could not tell whether the NATS server syncs every write (give --nats-monitor); "
+                "production servers should set `jetstream { sync_interval: always }`"
+            )
 
     async def _announce(self) -> None:
         info = WorkerInfo(
