@@ -186,7 +186,7 @@ class Requester:
             self._pending.pop(token, None)
         status = msg.headers.get("Status") if msg.headers else None
         if status is not None and status not in ("404",):
-            raise ApiError(int(status), 0, msg.headers.get("Description", ""))
+            raise ApiError(int(status), 0, _status_text(status, msg.headers.get("Description", "")))
         return msg
 
     async def publish_batch(
@@ -226,7 +226,9 @@ class Requester:
                 continue
             status = reply.headers.get("Status") if reply.headers else None
             if status is not None:
-                out.append(ApiError(int(status), 0, reply.headers.get("Description", "")))
+                out.append(
+                    ApiError(int(status), 0, _status_text(status, reply.headers.get("Description", "")))
+                )
                 continue
             ack = _puback_decoder.decode(reply.data)
             err = ack.error
@@ -291,6 +293,16 @@ class Requester:
         if headers.get("Status") == "404":
             return None
         return msg.data, int(headers.get("Nats-Sequence", "0")), headers.get(HDR_KV_OPERATION, "")
+
+
+def _status_text(status: str, description: str) -> str:
+    """A status reply's description, or what the status means when it has none we can show."""
+    text = description.strip().splitlines()[0].strip() if description.strip() else ""
+    if text and ":" not in text:
+        return text
+    return {"503": "no responders: the stream has no leader, or no server serves it"}.get(
+        status, f"status {status}"
+    )
 
 
 def _fail_if_pending(fut: asyncio.Future[Any]) -> None:

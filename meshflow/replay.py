@@ -33,9 +33,9 @@ import datetime as dt
 import inspect
 import random
 import traceback as tb
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import msgspec
 import structlog
@@ -76,6 +76,8 @@ from .steps import Context, Step
 # concluding that every branch is parked.
 _SETTLE_TICKS = 4
 _MAX_STEP_ID = 256
+
+T = TypeVar("T")
 
 _in_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("meshflow_in_step", default=None)
 
@@ -139,6 +141,11 @@ Outcome = Completed | Failed | Suspended | Cancelled
 
 class _Stop(BaseException):
     """Raised at a new step's call site when the run is cancelled (not catchable as Exception)."""
+
+
+class _Abort(BaseException):
+    """Raised into the function when committing or sending failed (NATS unreachable): the pass is
+    abandoned, not the function failed, and the run resumes from its last commit later."""
 
 
 def safe_str(exc: BaseException) -> str:
@@ -215,11 +222,22 @@ class _Pass:
         self.changed = asyncio.Event()
         self.replaying = bool(act.memos)
         self.stopped = False
+        self.infra_error: BaseException | None = None
         self.never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def bump(self) -> None:
         self.version += 1
         self.changed.set()
+
+    async def effect(self, call: Awaitable[T]) -> T:
+        """Await an effect (a commit, a send); if it fails, abandon the pass (`_Abort`)."""
+        try:
+            return await call
+        except Exception as exc:  # NatsError, a timeout: not the user's code failing
+            if self.infra_error is None:
+                self.infra_error = exc
+            self.bump()
+            raise _Abort from exc
 
     async def park(self, item: Pending) -> NoReturn:
         self.parked[item.key] = item
@@ -332,7 +350,7 @@ class _Pass:
                     ended_at=self.act.clock(),
                 )
             if memo is not None:
-                memo = await self.effects.commit(memo)
+                memo = await self.effect(self.effects.commit(memo))
                 self.memos[key] = memo
         finally:
             self.running -= 1
@@ -386,7 +404,7 @@ class _Pass:
         """Commit a memo the pass decided on (a timeout, a sleep's end); first writer wins."""
         self.running += 1
         try:
-            stored = await self.effects.commit(memo)
+            stored = await self.effect(self.effects.commit(memo))
             self.memos[memo.hash] = stored
             return stored
         finally:
@@ -556,7 +574,9 @@ class _Pass:
             try:
                 started = self.act.clock()
                 # A pass re-executed after a crash sends the same message ids: the stream drops them.
-                await self.effects.send(batch, [f"{self.act.run_id}:{key}:{i}" for i in range(len(batch))])
+                await self.effect(
+                    self.effects.send(batch, [f"{self.act.run_id}:{key}:{i}" for i in range(len(batch))])
+                )
                 memo = StepMemo(
                     id=step_id,
                     hash=key,
@@ -566,7 +586,7 @@ class _Pass:
                     started_at=started,
                     ended_at=self.act.clock(),
                 )
-                memo = await self.effects.commit(memo)
+                memo = await self.effect(self.effects.commit(memo))
                 self.memos[key] = memo
             finally:
                 self.running -= 1
@@ -676,6 +696,8 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
     try:
         while not task.done():
             engine.changed.clear()
+            if engine.infra_error is not None:
+                raise engine.infra_error
             if engine.stopped and engine.running == 0:
                 return Cancelled()  # steps in flight on other branches have committed
             if engine.running == 0 and engine.parked:
@@ -686,6 +708,8 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
                     return engine.suspended()
                 continue
             await engine.changed.wait()
+        if engine.infra_error is not None:
+            raise engine.infra_error
         return engine.finish(task)
     finally:
         if not task.done():

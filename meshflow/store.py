@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncGenerator, Callable
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -49,6 +50,22 @@ class _WrongRevision(Exception):
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
 _TIMEOUT = 10.0
+_ATTEMPT_TIMEOUT = 3.0
+#: How long a KV read or write keeps retrying through a leader election (NATS-NOTES: 5-7 s).
+_RETRY_FOR = 30.0
+
+
+def _retries() -> Iterator[float | None]:
+    """Pauses between attempts (50 ms doubling to 1 s) until ``_RETRY_FOR`` seconds have passed
+    since the first; then None (give up)."""
+    deadline = time.monotonic() + _RETRY_FOR
+    pause = 0.05
+    while time.monotonic() + pause < deadline:
+        yield pause
+        pause = min(pause * 2, 1.0)
+    yield None
+
+
 _KEY = re.compile(r"[-/_=.a-zA-Z0-9]{1,256}")  # what a KV key may hold
 _READ_ERRORS: tuple[type[BaseException], ...] = (ApiError, *NATS_ERRORS)
 _WATCH_POLL_FIRST = 0.05
@@ -165,12 +182,15 @@ class Store:
 
     # --- raw KV over the fast request path ---------------------------------------------------
     async def _get(self, bucket: str, key: str, what: str) -> tuple[bytes, int, str] | None:
-        try:
-            return await self.requests.direct_get(kv_stream(bucket), kv_subject(bucket, key), _TIMEOUT)
-        except ApiError as exc:
-            raise NatsError(f"cannot read {what}: {exc!r}") from exc
-        except NATS_ERRORS as exc:
-            raise NatsError(f"cannot read {what}: {exc!r}") from exc
+        stream, subject = kv_stream(bucket), kv_subject(bucket, key)
+        for pause in _retries():
+            try:
+                return await self.requests.direct_get(stream, subject, _ATTEMPT_TIMEOUT)
+            except _READ_ERRORS as exc:
+                if pause is None or (isinstance(exc, ApiError) and exc.code < 500):
+                    raise NatsError(f"cannot read {what}: {exc!r}") from exc
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable: the last pause is None")
 
     async def _write(
         self, bucket: str, key: str, value: bytes, last: int, what: str, ttl_s: int | None = None
@@ -179,15 +199,24 @@ class Store:
         headers = {HDR_EXPECTED_LAST_SUBJECT_SEQ: str(last)}
         if ttl_s is not None:
             headers[HDR_TTL] = f"{ttl_s}s"
-        try:
-            ack = await self.requests.publish(kv_subject(bucket, key), value, headers, _TIMEOUT)
-        except ApiError as exc:
-            if exc.err_code in _WRONG_LAST_SEQUENCE:
-                raise _WrongRevision from None
-            raise NatsError(f"cannot write {what}: {exc.description or exc}") from exc
-        except NATS_ERRORS as exc:
-            raise NatsError(f"cannot write {what}: {exc!r}") from exc
-        return ack.seq
+        # A stream without a leader (an election in a cluster) answers 503, or a write's ack is
+        # lost with the node that stored it: retry the same conditional write for a while. If an
+        # earlier attempt was stored, the retry finds the revision moved (`_WrongRevision`), and
+        # the caller reads what is stored, as for any conflict.
+        for pause in _retries():
+            try:
+                ack = await self.requests.publish(kv_subject(bucket, key), value, headers, _ATTEMPT_TIMEOUT)
+                return ack.seq
+            except ApiError as exc:
+                if exc.err_code in _WRONG_LAST_SEQUENCE:
+                    raise _WrongRevision from None
+                if pause is None or exc.code < 500:
+                    raise NatsError(f"cannot write {what}: {exc.code} {exc.description or exc}") from exc
+            except NATS_ERRORS as exc:
+                if pause is None:
+                    raise NatsError(f"cannot write {what}: {exc!r}") from exc
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable: the last pause is None")
 
     async def _create(self, bucket: str, key: str, value: bytes, what: str) -> int | None:
         """Create ``key``; None if it exists. A deleted key counts as absent."""

@@ -694,8 +694,11 @@ class Worker(Triggers):
     async def _wake(self, fn: Function, run_id: str, key: str, until: int) -> None:
         wake = RunMessage(run_id=run_id, reason="timer", key=key)
         warm = self._timers.take_warm(run_id)
-        if warm is not None and await self._resume_warm(fn, warm, wake):
-            return
+        try:
+            if warm is not None and await self._resume_warm(fn, warm, wake):
+                return
+        except MeshflowError as exc:  # NATS trouble mid-pass: the message path resumes it
+            log.warning("local timer could not advance the run", run_id=run_id, error=str(exc))
         try:
             await self.bus.publish_run(fn.app_id, fn.id, wake, msg_id=f"{run_id}:{key}:{until}")
         except MeshflowError as exc:  # the durable schedule will still fire
