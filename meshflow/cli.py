@@ -160,7 +160,9 @@ async def _send(args: argparse.Namespace) -> None:
     kwargs: dict[str, Any] = {"name": args.name, "data": data}
     if args.id:
         kwargs["id"] = args.id
-    async with connect(args.nats.split(","), namespace=args.namespace, auth=_auth(args)) as client:
+    async with connect(
+        args.nats.split(","), namespace=args.namespace, auth=_auth(args), provision=False
+    ) as client:
         ids = await client.send(Event(**kwargs))
     print(ids[0])
 

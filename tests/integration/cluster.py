@@ -72,7 +72,7 @@ class Cluster:
             )
             for i in range(size)
         }
-        self.passwords = {who: secrets.token_hex(8) for who in _PASSWORDS}
+        self.passwords = {who: "p" + secrets.token_hex(8) for who in _PASSWORDS}  # never all digits
         self.admin = meshflow.NatsAuth(user="admin", password=self.passwords["ADMIN"])
 
     @property
