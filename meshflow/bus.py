@@ -544,10 +544,12 @@ class Bus:
             raise NatsError(f"cannot bind consumer {consumer} on {stream}: {exc!r}") from exc
 
     async def follow(self, subject: str) -> Following:
-        """Every message stored on ``subject`` from now on (an ordered consumer, subscribed when
-        this returns); iterate it for their data, close it when done."""
+        """The messages published on ``subject`` from the moment this returns. A plain
+        subscription, not a JetStream consumer, so an identity that may not create consumers (the
+        dashboard's) can follow events; what is published while disconnected is missed."""
         try:
-            sub = await self.js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
+            sub = await self.nc.subscribe(subject)
+            await self.nc.flush(timeout=5)  # the server has the subscription before we return
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot follow {subject}: {exc!r}") from exc
         return Following(sub)
