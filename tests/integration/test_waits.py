@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
 import nats
 import nats.js.errors
 import pytest
@@ -12,6 +13,7 @@ import pytest
 import meshflow
 from meshflow.ids import step_hash
 from meshflow.names import Names
+from meshflow.runs import RunRecord, decode_run
 from meshflow.server import EmbeddedServer
 from meshflow.testing import wait_until
 
@@ -262,27 +264,43 @@ async def test_ten_thousand_waiting_runs_each_resume_once_by_their_own_event(
         return paid.data if paid else None
 
     starts = [meshflow.Event(name="invoice/sent", data={"id": i}) for i in range(n)]
+    payments = [meshflow.Event(name="invoice/paid", data={"id": i, "by": f"p{i}"}) for i in range(n)]
+    for i in range(0, n, 5):  # payments for nobody's invoice among them
+        payments.insert(i, meshflow.Event(name="invoice/paid", data={"id": n + i, "by": "nobody"}))
+    # One subscription to every write of the runs bucket sees the runs end; 10,000 wait_for_run
+    # watchers would each poll their record and load this one process more than the worker does.
+    ended: dict[str, RunRecord] = {}
+
+    async def on_write(msg: Any) -> None:
+        if msg.data and not (msg.headers and msg.headers.get("KV-Operation")):
+            record = decode_run(msg.data)
+            if record.status.terminal:
+                ended[record.id] = record
+
     async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace, concurrency=128):
-        await client.send(starts)
-        waits = f"KV_{client.names.waits_bucket}"
         nc = await nats.connect(nats_server.url)
         try:
+            await nc.subscribe(f"$KV.{client.names.runs_bucket}.>", cb=on_write, pending_msgs_limit=-1)
+            await client.send(starts)
+            waits = f"KV_{client.names.waits_bucket}"
 
             async def all_waiting() -> bool:
                 info = await nc.jetstream().stream_info(waits)
                 return bool(info.state.messages >= n + 2)  # history 1: a message per key, + 2 markers
 
-            await wait_until(all_waiting, timeout=90, interval=0.2)
+            await wait_until(all_waiting, timeout=60, interval=0.2)
+            assert not ended, "runs ended before any payment was sent"
+            await client.send(payments)
+
+            async def all_ended() -> bool:
+                return len(ended) >= n
+
+            await wait_until(all_ended, timeout=90, interval=0.2, message="every run ended")
         finally:
             await nc.close()
-        payments = [meshflow.Event(name="invoice/paid", data={"id": i, "by": f"p{i}"}) for i in range(n)]
-        for i in range(0, n, 5):  # payments for nobody's invoice among them
-            payments.insert(i, meshflow.Event(name="invoice/paid", data={"id": n + i, "by": "nobody"}))
-        await client.send(payments)
-        outputs = await asyncio.gather(
-            *(client.wait_for_run(pay.run_id_for(e), timeout=120, steps=False) for e in starts)
-        )
-    assert [r.output for r in outputs] == [{"id": i, "by": f"p{i}"} for i in range(n)]
+    outputs = {run_id: msgspec.json.decode(record.output) for run_id, record in ended.items()}
+    assert outputs == {pay.run_id_for(e): {"id": i, "by": f"p{i}"} for i, e in enumerate(starts)}
+    assert {record.status for record in ended.values()} == {meshflow.RunStatus.COMPLETED}
 
 
 async def test_a_worker_started_later_routes_the_events_runs_wait_for(
