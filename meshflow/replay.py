@@ -54,7 +54,7 @@ from .errors import (
     StepError,
 )
 from .events import Event, encode_event, validate_event_name
-from .expressions import compile_expression, compile_match, lookup, match_key
+from .expressions import compile_expression, compile_match
 from .functions import Function
 from .ids import StepCounter, run_id_for, validate_id
 from .retries import Retry, attempts_left, backoff_delay, retry_policy
@@ -71,6 +71,7 @@ from .runs import (
     WaitSpec,
 )
 from .steps import Context, Step
+from .waits import match_token
 
 # How many loop turns to let sibling branches (asyncio.gather) reach their next step call before
 # concluding that every branch is parked.
@@ -458,11 +459,10 @@ class _Pass:
         except EventError as exc:
             raise ConfigError(f"{what}: {exc}") from None
         assert isinstance(name, str)
-        match_token: str | None = None
+        token: str | None = None
         if match is not None:
-            path = compile_match(match, what=what)
-            found, value = lookup(msgspec.to_builtins(self.act.events[0]), path)
-            match_token = match_key(value) if found else None
+            compile_match(match, what=what)  # a bad path is the user's error, named here
+            token = match_token(msgspec.to_builtins(self.act.events[0]), str(match))
         if condition is not None:
             compile_expression(condition, variables=("event", "async"), what=f"{what} if_")
         if since not in ("trigger", "wait"):
@@ -489,7 +489,7 @@ class _Pass:
         return WaitSpec(
             event=name,
             match=match if isinstance(match, str) else None,
-            match_token=match_token,
+            match_token=token,
             if_=condition if isinstance(condition, str) else None,
             floor_seq=floor_seq,
             floor_time=floor_time,

@@ -29,7 +29,6 @@ from .control import request_cancel
 from .durations import now_ms
 from .errors import RunNotFoundError
 from .events import Event, decode_event
-from .expressions import lookup, match_key
 from .functions import Function
 from .names import Names
 from .runs import NEVER, Pending, PendingKind, RunRecord, StepKind, StepMemo, StepStatus, WaitSpec
@@ -41,6 +40,7 @@ from .waits import (
     encode_waiter,
     field_token,
     in_window,
+    match_token,
     name_token,
     waiter_keys,
 )
@@ -110,14 +110,10 @@ class Router:
         trigger = msgspec.to_builtins(record.events[0]) if record.events else {}
         items = []
         for i, spec in enumerate(fn.cancel_on):
-            token = None
-            if spec.match is not None:
-                found, value = lookup(trigger, tuple(spec.match.split(".")))
-                token = match_key(value) if found else None
             wait = WaitSpec(
                 event=spec.event,
                 match=spec.match,
-                match_token=token,
+                match_token=match_token(trigger, spec.match) if spec.match is not None else None,
                 if_=spec.if_,
                 floor_seq=record.seq,
                 floor_time=0 if record.seq else record.created_at,
@@ -256,9 +252,9 @@ class Router:
             as_dict = msgspec.to_builtins(event)
             patterns = []
             for path in fields:
-                ok, value = lookup(as_dict, tuple(path.split(".")))
-                if ok:
-                    patterns.append(names.wait_matches(ntok, field_token(path), match_key(value)))
+                token = match_token(as_dict, path)
+                if token is not None:
+                    patterns.append(names.wait_matches(ntok, field_token(path), token))
             if patterns:
                 waiters.extend((await self.store.find_waits(patterns)).values())
         resumed = 0

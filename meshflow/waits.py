@@ -69,6 +69,12 @@ def _path(source: str) -> tuple[str, ...]:
     return compile_match(source, what="match")
 
 
+def match_token(obj: dict[str, Any], path: str) -> str | None:
+    """The index token of the value at a match path like ``data.userId`` (None: there is none)."""
+    found, value = lookup(obj, _path(path))
+    return match_key(value) if found else None
+
+
 def _token(text: str, size: int) -> str:
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:size]
 
@@ -115,8 +121,7 @@ def accepts(spec: WaitSpec, trigger: Event | None, event: Event) -> bool:
         if spec.match_token is None:
             return False
         candidate = msgspec.to_builtins(event)
-        found, value = lookup(candidate, _path(spec.match))
-        if not found or match_key(value) != spec.match_token:
+        if match_token(candidate, spec.match) != spec.match_token:
             return False
     if spec.if_ is not None:
         expr = _condition(spec.if_)
