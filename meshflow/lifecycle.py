@@ -168,19 +168,20 @@ class Lifecycle:
         await self.bus.publish_run(parent.app, parent.fn, wake, msg_id=f"{parent.run_id}:{parent.key}:invoke")
 
     async def clean_up(self, fn: Function, before: RunRecord, final: RunRecord) -> None:
-        """After a run ended: drop its cancel_on waiters and timeout timer; if it was cancelled,
-        its pending timers and waits too. Best effort: what is left finds a finished run."""
+        """After a run ended (and `forget_waits` tidied its waits' and invokes' timers): drop its
+        cancel_on waiters and timeout timer; if it was cancelled, its other pending timers and
+        its waits' entries too. Best effort: what is left finds a finished run."""
         with contextlib.suppress(NatsError):
             if fn.cancel_on:
                 await self.router.forget_cancels(fn, final)
             if fn.finish_timeout_ms is not None:
                 await self.bus.cancel_timer(final.id, "timeout")
             if final.status is RunStatus.CANCELLED:
-                for item in before.pending:
-                    if item.until < NEVER:
-                        await self.bus.cancel_timer(final.id, item.key)
+                for item in before.pending:  # waits' and invokes' timers are forget_waits' work
                     if item.kind is PendingKind.WAIT:
                         await self.router.forget(final.id, item)
+                    elif item.kind is not PendingKind.INVOKE and item.until < NEVER:
+                        await self.bus.cancel_timer(final.id, item.key)
 
     async def forget_waits(self, before: RunRecord, after: RunRecord, memos: dict[str, StepMemo]) -> None:
         """Tidy the waits and invokes that ended in this pass: a timed-out wait's entries (the
