@@ -90,7 +90,7 @@ class Cluster:
         for i, peer in enumerate(self.nodes.values(), start=1):
             env[f"NATS_ROUTE_{i}"] = f"nats-route://127.0.0.1:{peer.route_port}"
         for who, password in self.passwords.items():
-            env[f"MESHFLOW_{who}_PASSWORD"] = password
+            env[f"NATS_{who}_PASSWORD"] = password
         return env
 
     def spawn(self, name: str) -> None:

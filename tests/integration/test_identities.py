@@ -82,7 +82,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, passwords: dict[str, str]) 
     include = os.path.relpath(ACCOUNTS, store)  # nats-server resolves includes from the config's folder
     with pytest.MonkeyPatch.context() as env:
         for user, password in passwords.items():
-            env.setenv(f"MESHFLOW_{user.upper()}_PASSWORD", password)
+            env.setenv(f"NATS_{user.upper()}_PASSWORD", password)
         server = EmbeddedServer(store, extra_config=f'include "{include}"').start()
     yield server
     server.stop()

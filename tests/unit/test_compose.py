@@ -56,7 +56,7 @@ def test_every_referenced_file_exists(compose: dict[str, Any]) -> None:
 
 def test_every_node_sets_every_variable_its_config_reads(compose: dict[str, Any]) -> None:
     needed = config_variables()
-    assert {"NATS_NAME", "NATS_STORE", "MESHFLOW_WORKER_PASSWORD"} <= needed
+    assert {"NATS_NAME", "NATS_STORE", "NATS_WORKER_PASSWORD"} <= needed
     for node in ("n1", "n2", "n3"):
         env = compose["services"][node]["environment"]
         assert needed <= set(env), needed - set(env)
