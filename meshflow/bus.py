@@ -481,6 +481,31 @@ class Bus:
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot create stream {config.name}: {exc!r}") from exc
 
+    async def fit_replicas(self, streams: Sequence[str], replicas: int, *, scale: bool) -> None:
+        """Bring existing streams to ``replicas`` when ``scale`` (the count was asked for
+        explicitly); otherwise only warn about those with fewer than the deployment allows
+        (say, created on one node before it joined a cluster)."""
+        for stream in streams:
+            try:
+                info = await self.js.stream_info(stream)
+                have = info.config.num_replicas or 1
+                if have == replicas:
+                    continue
+                if scale:
+                    info.config.num_replicas = replicas
+                    await self.js.update_stream(info.config)
+                    log.info("stream replicas changed", stream=stream, before=have, after=replicas)
+                elif have < replicas:
+                    log.warning(
+                        "stream has fewer replicas than this deployment allows",
+                        stream=stream,
+                        replicas=have,
+                        allowed=replicas,
+                        fix=f"meshflow worker APP --provision-only --replicas {replicas} (as admin)",
+                    )
+            except NATS_ERRORS as exc:
+                raise NatsError(f"cannot set the replicas of stream {stream}: {exc!r}") from exc
+
     async def ensure_consumers(self, fn: Function, *, ack_wait: float = ACK_WAIT) -> None:
         """Create or update the function's trigger and run consumers."""
         n = self.names

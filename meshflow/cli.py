@@ -226,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
         "--replicas",
         type=int,
         default=None,
-        help="replicas of the streams it creates (default: 3 on a cluster)",
+        help="replicas of the streams and buckets, existing ones too (default: 3 on a cluster, new ones)",
     )
     p.add_argument(
         "--provision-only",

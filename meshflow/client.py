@@ -433,8 +433,8 @@ class connect:
         servers: one NATS URL or several (a cluster).
         namespace: the deployment's namespace (default ``mf``).
         auth: credentials and TLS for NATS (`NatsAuth`).
-        replicas: replicas of the streams and buckets it creates if they are missing (default: 3
-            on a cluster of three or more servers, else 1).
+        replicas: replicas of the streams and buckets; existing ones are changed to this count.
+            Default: 3 on a cluster of three or more servers, else 1, for those it creates.
         provision: create missing streams and buckets. ``False`` for identities that may only
             send events (a publisher): the client then touches nothing but the events it sends.
     """
@@ -460,9 +460,7 @@ class connect:
         bus = Bus(nc, self._names)
         store = Store(nc, self._names, bus.requests)
         if self._provision:
-            replicas = self._replicas or bus.default_replicas()
-            await bus.ensure_streams(replicas=replicas)
-            await store.open(replicas=replicas)
+            await store.provision(bus, self._replicas)
         self._client = Client(bus, store)
         return self._client
 

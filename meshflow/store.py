@@ -23,7 +23,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
 
-from .bus import NATS_ERRORS, ApiError, Requester
+from .bus import NATS_ERRORS, ApiError, Bus, Requester
 from .durations import from_ms, rfc3339
 from .errors import NatsError
 from .names import (
@@ -161,6 +161,18 @@ class Store:
         self._waits = await self._bucket(n.waits_bucket, create, replicas)
         self._flow = await self._bucket(n.flow_bucket, create, replicas)
         return self
+
+    async def provision(self, bus: Bus, replicas: int | None) -> None:
+        """Create what is missing of the streams and buckets (idempotent, safe to race with
+        other processes). Existing ones are brought to ``replicas`` when it is given; otherwise
+        new ones get the count that fits the deployment (`Bus.default_replicas`)."""
+        count = replicas or bus.default_replicas()
+        await bus.ensure_streams(replicas=count)
+        await self.open(replicas=count)
+        n = self.names
+        buckets = (n.runs_bucket, n.steps_bucket, n.registry_bucket, n.waits_bucket, n.flow_bucket)
+        streams = [n.events_stream, n.runs_stream, *(kv_stream(b) for b in buckets)]
+        await bus.fit_replicas(streams, count, scale=replicas is not None)
 
     async def _bucket(self, name: str, create: bool, replicas: int) -> Any:
         try:

@@ -112,8 +112,9 @@ class Worker(Triggers):
             another one; how fast work moves on after a worker dies. The function's consumers take
             the value of the worker that last provisioned them.
         auth: credentials and TLS for NATS (`NatsAuth`).
-        replicas: replicas of the streams and buckets it creates if they are missing (default: 3
-            on a cluster of three or more servers, else 1). Existing ones are left as they are.
+        replicas: replicas of the streams and buckets; existing ones are changed to this count.
+            Default: 3 on a cluster of three or more servers, else 1, for those it creates
+            (existing ones are left as they are, with a warning when they have fewer).
         monitor: the server's monitoring URL (``http://host:8222``), to check at start that it
             syncs every write (the system account, if the worker's user has it, works too).
     """
@@ -175,9 +176,7 @@ class Worker(Triggers):
         self.starts = Starts(self.store)
         self.windows = Windows(self.store, self.bus)
         self.slots = Slots(self.store, self.bus, self.lease_ms)
-        replicas = self.replicas or self.bus.default_replicas()
-        await self.bus.ensure_streams(replicas=replicas)
-        await self.store.open(replicas=replicas)
+        await self.store.provision(self.bus, self.replicas)
         for fn in self.functions.values():
             await self.bus.ensure_consumers(fn, ack_wait=self.ack_wait)
             await self.store.put_function(

@@ -296,3 +296,55 @@ async def test_killing_stream_leaders_loses_no_acknowledged_event_and_runs_every
     assert not reruns, f"steps ran more than once though no worker died\n{figures}"
     assert not errors, figures
     assert not escaped, figures
+
+
+@pytest.mark.timeout(120)
+async def test_workers_provisioning_at_once_agree_and_replicas_change_only_when_asked(
+    cluster: Cluster,
+) -> None:
+    names = Names("provision")
+    n = names
+    streams = [n.events_stream, n.runs_stream]
+    streams += [
+        kv_stream(b)
+        for b in (n.runs_bucket, n.steps_bucket, n.registry_bucket, n.waits_bucket, n.flow_bucket)
+    ]
+    app = meshflow.App("shop")
+
+    @app.function("order", trigger=EVENT)
+    async def order(ctx: meshflow.Context) -> str:
+        return "ok"
+
+    async def replicas(js: Any) -> dict[str, int]:
+        return {s: (await js.stream_info(s)).config.num_replicas for s in streams}
+
+    options: dict[str, Any] = {"namespace": names.ns, "auth": cluster.admin}
+    async with jetstream(cluster) as js:
+        # a fresh cluster, three workers provisioning at the same moment: all start, R3 everywhere
+        workers = [meshflow.Worker(app, nats=cluster.urls, **options) for _ in range(3)]
+        try:
+            await asyncio.gather(*(w.start() for w in workers))
+        finally:
+            await asyncio.gather(*(w.stop() for w in workers))
+        assert set((await replicas(js)).values()) == {3}
+
+        async with meshflow.connect(cluster.urls, replicas=1, **options):
+            pass  # asked for: existing streams and buckets change
+        assert set((await replicas(js)).values()) == {1}
+        with capture_logs() as logs:
+            async with meshflow.connect(cluster.urls, **options):
+                pass  # not asked for: left as they are, with a warning each
+        assert set((await replicas(js)).values()) == {1}
+        warned = {
+            e["stream"] for e in logs if e["event"] == "stream has fewer replicas than this deployment allows"
+        }
+        assert warned == set(streams)
+        async with meshflow.connect(cluster.urls, replicas=3, **options) as client:
+            await wait_until(
+                lambda: replicas_current(js, streams, 3), timeout=45, interval=0.2, message="R3 again"
+            )
+            event = meshflow.Event(name=EVENT)
+            await client.send(event)
+            async with meshflow.Worker(app, nats=cluster.urls, **options):
+                run = await client.wait_for_run(order.run_id_for(event))
+    assert run.output == "ok"
