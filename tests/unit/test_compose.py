@@ -75,3 +75,12 @@ def test_meshflow_services_run_commands_the_cli_accepts(compose: dict[str, Any])
         for n in ("provision", "worker", "dashboard")
     }
     assert users == {"admin", "worker", "dashboard"}  # each with its own least-privilege identity
+
+
+def test_workers_can_check_that_the_servers_sync_every_write(compose: dict[str, Any]) -> None:
+    node_conf = (ROOT / "deploy/nats/node.conf").read_text()
+    assert re.search(r"^\s*sync_interval:\s*always", node_conf, re.MULTILINE)
+    monitor = compose["services"]["worker"]["environment"]["MESHFLOW_NATS_MONITOR"]
+    host, port = monitor.removeprefix("http://").split(":")
+    assert host in compose["services"]
+    assert compose["x-nats-env"]["NATS_HTTP"].endswith(f":{port}")
