@@ -46,7 +46,9 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             if client is None:
                 app.state.client = await stack.enter_async_context(
-                    meshflow.connect(nats, namespace=namespace, auth=nats_auth)
+                    # read_only: cancel and replay are asked of a worker, so the dashboard's
+                    # NATS identity needs no right to write run records (deploy/nats/accounts.conf)
+                    meshflow.connect(nats, namespace=namespace, auth=nats_auth, read_only=True)
                 )
             app.state.metrics.start(app.state.client)
             stack.push_async_callback(app.state.metrics.stop)

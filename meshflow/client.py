@@ -18,15 +18,15 @@ from typing import Any
 
 import msgspec
 
-from .bus import NATS_ERRORS, Bus, Following, RunMessage, open_nats
+from . import control
+from .bus import NATS_ERRORS, Bus, Following, open_nats
 from .codec import decode_value
 from .connection import NatsAuth
-from .control import request_cancel
 from .cron import parse_cron
 from .durations import epoch_ms, from_ms, now_ms
 from .errors import EventError, MeshflowError, RunNotFoundError, RunTimeoutError
 from .events import Event, decode_event, encode_event, validate_event_name
-from .ids import is_ulid, new_ulid, run_id_for, ulid_time_ms
+from .ids import is_ulid, run_id_for, ulid_time_ms
 from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names, kv_stream, kv_subject
 from .runs import NEVER, ErrorInfo, Pending, PendingKind, RunRecord, RunStatus, StepMemo, decode_run
 from .store import FunctionInfo, Store, WorkerInfo
@@ -121,10 +121,13 @@ def _steps(memos: dict[str, StepMemo], pending: list[Pending]) -> list[StepInfo]
 class Client:
     """Sends events and reads runs. Get one with ``meshflow.connect(url)``."""
 
-    def __init__(self, bus: Bus, store: Store, *, owns_connection: bool = True) -> None:
+    def __init__(
+        self, bus: Bus, store: Store, *, owns_connection: bool = True, read_only: bool = False
+    ) -> None:
         self._bus = bus
         self._store = store
         self._owns = owns_connection
+        self._read_only = read_only
 
     @property
     def names(self) -> Names:
@@ -223,7 +226,9 @@ class Client:
         Raises:
             RunNotFoundError: no such run.
         """
-        return await request_cancel(self._store, self._bus, run_id, reason)
+        if self._read_only:
+            return (await control.ask(self._bus, "cancel", run_id, reason)).cancelled
+        return await control.request_cancel(self._store, self._bus, run_id, reason)
 
     async def cancel_runs(
         self, function_id: str, *, since: dt.datetime | None = None, until: dt.datetime | None = None
@@ -247,28 +252,13 @@ class Client:
         """Start a new run of the same function with the same event(s); returns its id.
 
         The new run records which run it replays (``Run.replay_of``); it starts from scratch.
+
+        Raises:
+            RunNotFoundError: no such run.
         """
-        got = await self._store.get_run(run_id)
-        if got is None:
-            raise RunNotFoundError(f"run {run_id} does not exist")
-        original = got[0]
-        now = now_ms()
-        replay = RunRecord(
-            id=new_ulid(now),
-            app=original.app,
-            function=original.function,
-            fn=original.fn,
-            status=RunStatus.QUEUED,
-            events=original.events,
-            created_at=now,
-            updated_at=now,
-            seq=original.seq,
-            replay_of=original.id,
-        )
-        await self._store.create_run(replay)
-        start = RunMessage(run_id=replay.id, reason="start")
-        await self._bus.publish_run(replay.app, replay.fn, start, msg_id=f"{replay.id}:start")
-        return replay.id
+        if self._read_only:
+            return (await control.ask(self._bus, "replay", run_id)).run_id
+        return await control.replay_run(self._store, self._bus, run_id)
 
     async def functions(self) -> list[FunctionInfo]:
         """Every function a worker has registered in this namespace, with its triggers."""
@@ -437,6 +427,9 @@ class connect:
             Default: 3 on a cluster of three or more servers, else 1, for those it creates.
         provision: create missing streams and buckets. ``False`` for identities that may only
             send events (a publisher): the client then touches nothing but the events it sends.
+        read_only: the client writes no run state itself: `Client.cancel` and `Client.replay`
+            are carried out by a worker (for identities that may only read state, like the
+            dashboard's; they then need a running worker).
     """
 
     def __init__(
@@ -447,9 +440,11 @@ class connect:
         auth: NatsAuth | None = None,
         replicas: int | None = None,
         provision: bool = True,
+        read_only: bool = False,
     ) -> None:
         self._servers = servers
         self._provision = provision
+        self._read_only = read_only
         self._names = Names(namespace)
         self._auth = auth
         self._replicas = replicas
@@ -461,7 +456,7 @@ class connect:
         store = Store(nc, self._names, bus.requests)
         if self._provision:
             await store.provision(bus, self._replicas)
-        self._client = Client(bus, store)
+        self._client = Client(bus, store, read_only=self._read_only)
         return self._client
 
     def __await__(self) -> Generator[Any, None, Client]:

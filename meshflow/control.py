@@ -11,19 +11,45 @@ then two nudges:
 The record is what makes it reliable: a pass reads it when it starts, and a worker whose write
 conflicts with the request reads it then. Whoever ends the run cleans up its timers and waits and
 emits ``meshflow/function.cancelled``.
+
+Cancel and replay write run records. An identity that may only read state (the dashboard's) asks
+a worker to do it instead: a request on ``{ns}.ctl.cancel`` or ``{ns}.ctl.replay``, served by every
+worker in one queue group (`serve`), answered with the outcome (`ask`). Nobody is left guessing:
+without a worker the request gets "no responders" at once, and the caller an error saying so.
 """
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import msgspec
+import nats.errors
+import structlog
 
 from .bus import NATS_ERRORS, Bus, RunMessage
 from .durations import now_ms
-from .errors import NatsError, RunNotFoundError
-from .runs import CancelInfo
+from .errors import MeshflowError, NatsError, RunNotFoundError
+from .ids import new_ulid
+from .runs import CancelInfo, RunRecord, RunStatus
 from .store import RunConflict, Store
 
+log = structlog.get_logger("meshflow.control")
+
 _ATTEMPTS = 20
+_ASK_TIMEOUT = 15.0  # a cancel retries conflicting writes; a replay is two writes
+Operation = Literal["cancel", "replay"]
+
+
+class _Request(msgspec.Struct, kw_only=True, frozen=True):
+    run_id: str
+    reason: str = ""
+
+
+class _Reply(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
+    cancelled: bool = False  # cancel: False when the run had already ended
+    run_id: str = ""  # replay: the new run
+    not_found: str = ""  # the error, when the run does not exist
+    error: str = ""  # any other error
 
 
 async def request_cancel(store: Store, bus: Bus, run_id: str, reason: str) -> bool:
@@ -49,3 +75,76 @@ async def request_cancel(store: Store, bus: Bus, run_id: str, reason: str) -> bo
         await bus.publish_run(record.app, record.fn, wake, msg_id=f"{run_id}:cancel")
         return True
     raise NatsError(f"run {run_id}: could not record the cancellation after {_ATTEMPTS} conflicting updates")
+
+
+async def replay_run(store: Store, bus: Bus, run_id: str) -> str:
+    """Start a new run of ``run_id``'s function with its event(s); the new run's id."""
+    got = await store.get_run(run_id)
+    if got is None:
+        raise RunNotFoundError(f"run {run_id} does not exist")
+    original = got[0]
+    now = now_ms()
+    replay = RunRecord(
+        id=new_ulid(now),
+        app=original.app,
+        function=original.function,
+        fn=original.fn,
+        status=RunStatus.QUEUED,
+        events=original.events,
+        created_at=now,
+        updated_at=now,
+        seq=original.seq,
+        replay_of=original.id,
+    )
+    await store.create_run(replay)
+    start = RunMessage(run_id=replay.id, reason="start")
+    await bus.publish_run(replay.app, replay.fn, start, msg_id=f"{replay.id}:start")
+    return replay.id
+
+
+async def serve(store: Store, bus: Bus, msg: Any) -> None:
+    """Carry out one control request (a worker's subscription callback) and answer it."""
+    operation = msg.subject.rpartition(".")[2]
+    try:
+        request = msgspec.json.decode(msg.data, type=_Request)
+        if operation == "cancel":
+            reply = _Reply(cancelled=await request_cancel(store, bus, request.run_id, request.reason))
+        elif operation == "replay":
+            reply = _Reply(run_id=await replay_run(store, bus, request.run_id))
+        else:
+            reply = _Reply(error=f"unknown control operation {operation!r}")
+    except RunNotFoundError as exc:
+        reply = _Reply(not_found=str(exc))
+    except (MeshflowError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+        reply = _Reply(error=str(exc))
+    log.info("control request served", operation=operation, error=reply.error or reply.not_found or None)
+    if msg.reply:
+        try:
+            await msg.respond(msgspec.json.encode(reply))
+        except NATS_ERRORS as exc:
+            log.warning("could not answer a control request", operation=operation, error=repr(exc))
+
+
+async def ask(bus: Bus, operation: Operation, run_id: str, reason: str = "") -> _Reply:
+    """Have a worker carry out ``operation`` on ``run_id``; its outcome.
+
+    Raises:
+        RunNotFoundError: no such run.
+        NatsError: no worker answered, or the worker could not do it.
+    """
+    data = msgspec.json.encode(_Request(run_id=run_id, reason=reason))
+    try:
+        msg = await bus.nc.request(bus.names.control_subject(operation), data, timeout=_ASK_TIMEOUT)
+    except nats.errors.NoRespondersError:
+        raise NatsError(
+            f"cannot {operation} run {run_id}: no worker is running to do it (this client may not "
+            "write run state, so a worker carries out cancel and replay)"
+        ) from None
+    except NATS_ERRORS as exc:
+        raise NatsError(f"cannot {operation} run {run_id}: no answer from a worker: {exc!r}") from exc
+    reply = msgspec.json.decode(msg.data, type=_Reply)
+    if reply.not_found:
+        raise RunNotFoundError(reply.not_found)
+    if reply.error:
+        raise NatsError(f"cannot {operation} run {run_id}: {reply.error}")
+    return reply

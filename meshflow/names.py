@@ -64,6 +64,14 @@ class Names:
     def cancel_subjects(self) -> str:
         return f"{self.ns}.cancel.*"
 
+    def control_subject(self, operation: str) -> str:
+        """Core NATS requests a worker serves for clients that may not write runs (`control`)."""
+        return f"{self.ns}.ctl.{operation}"
+
+    @property
+    def control_subjects(self) -> str:
+        return f"{self.ns}.ctl.*"
+
     def cron_subject(self, app_id: str, fn_id: str, cron_key: str) -> str:
         """The pending schedule of a function's next cron tick (one per cron trigger)."""
         return f"{self.ns}.timer.cron.{app_id}.{fn_id}.{cron_key}"

@@ -33,7 +33,7 @@ import msgspec
 import nats.errors
 import structlog
 
-from . import replay
+from . import control, replay
 from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, decode_run_message, open_nats, syncs_every_write
 from .connection import NatsAuth
 from .control import request_cancel
@@ -218,6 +218,7 @@ class Worker(Triggers):
         await self._announce()
         self._loops.append(asyncio.create_task(self._announce_loop()))
         await self.nc.subscribe(n.cancel_subjects, cb=self._on_cancel_signal)
+        await self.nc.subscribe(n.control_subjects, queue="meshflow-control", cb=self._on_control)
         for fn in self.functions.values():
             for cron in fn.crons:
                 await self.bus.schedule_cron(fn, cron_key(cron), cron.next_after(now_ms()))
@@ -327,6 +328,9 @@ class Worker(Triggers):
         run_id = msg.subject.rpartition(".")[2]
         if run_id in self._active:
             self._cancel_signals.add(run_id)
+
+    async def _on_control(self, msg: Any) -> None:
+        await control.serve(self.store, self.bus, msg)
 
     # --- the router: events resume waits --------------------------------------------------------
     async def _follow_route(self, event_name: str, token: str) -> None:

@@ -7,6 +7,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
+
 import meshflow
 from meshflow.server import EmbeddedServer
 from meshflow.testing import wait_until
@@ -42,6 +44,26 @@ def onboarding_app(started: asyncio.Event | None = None, release: asyncio.Event 
         return "finished"
 
     return app, drip, ran
+
+
+async def test_a_read_only_client_has_a_worker_cancel_and_replay_and_says_when_none_runs(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app, drip, _ = onboarding_app()
+    event = meshflow.Event(name="user/signup", data={"user": "u-ro", "mode": "sleep"})
+    run_id = drip.run_id_for(event)
+    async with meshflow.connect(nats_server.url, namespace=namespace, read_only=True) as viewer:
+        async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+            await client.send(event)
+            await client.wait_for_run(run_id, until=meshflow.RunStatus.SLEEPING)
+            assert await viewer.cancel(run_id, reason="seen enough") is True
+            run = await client.wait_for_run(run_id)
+            again = await viewer.replay(run_id)
+            await client.wait_for_run(again, until=meshflow.RunStatus.SLEEPING)
+        with pytest.raises(meshflow.NatsError, match="no worker is running"):
+            await viewer.cancel(again)
+    assert (run.status, run.error and run.error.message) == (meshflow.RunStatus.CANCELLED, "seen enough")
+    assert (await client.get_run(again)).replay_of == run_id
 
 
 async def test_cancel_by_api_while_sleeping_and_while_waiting(

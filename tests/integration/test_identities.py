@@ -128,8 +128,9 @@ async def publisher(
 async def dashboard(
     server: EmbeddedServer, auth: dict[str, meshflow.NatsAuth]
 ) -> AsyncIterator[meshflow.Client]:
-    """Connected the way the dashboard app connects (checking that streams and buckets exist)."""
-    async with meshflow.connect(server.url, auth=auth["dashboard"]) as client:
+    """Connected the way the dashboard app connects (checking that streams and buckets exist;
+    cancel and replay carried out by a worker)."""
+    async with meshflow.connect(server.url, auth=auth["dashboard"], read_only=True) as client:
         yield client
 
 
@@ -320,11 +321,27 @@ async def test_the_dashboard_reads_runs_cancels_them_and_sends_events(
         return not info.state.subjects
 
     await wait_until(no_timers_left, timeout=10, message="the cancelled run's timers purged")
+    assert not await dashboard.cancel(run_id)  # already ended: the worker says so
+    with pytest.raises(meshflow.RunNotFoundError):
+        await dashboard.cancel("01JUNKUNKNOWNRUN0000000000")
 
-    # Not: writing what only workers write, emitting meshflow's own events, deleting streams.
+    # Replay, also carried out by a worker: a new run of the same event.
+    again = await dashboard.replay(done.id)
+    replayed = await dashboard.wait_for_run(again, timeout=10)
+    assert (replayed.status, replayed.replay_of) == (meshflow.RunStatus.COMPLETED, done.id)
+
+    # Not: writing any state (a run record, a step memo, the registry), waking or stopping runs
+    # itself, emitting meshflow's own events, deleting streams.
     viewer = await probe("dashboard")
-    for subject in (f"$KV.mf_steps.{run_id}.forged", "$KV.mf_registry.fn.shop-forged"):
+    for subject in (
+        f"$KV.mf_runs.{done.id}",
+        f"$KV.mf_steps.{run_id}.forged",
+        "$KV.mf_registry.fn.shop-forged",
+        "mf.run.shop.checkout",
+    ):
         await viewer.cannot_request(subject, b"{}")
+    await viewer.nc.publish(f"mf.cancel.{done.id}", b"")
+    await viewer.denied(f"mf.cancel.{done.id}")
     await viewer.cannot_request("mf.ev.meshflow.function.finished", b"{}")
     with pytest.raises(nats.errors.TimeoutError):
         await viewer.js.delete_stream("MF_RUNS")
