@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import ssl
 import urllib.request
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -327,6 +328,15 @@ def decode_run_message(raw: bytes) -> RunMessage:
     return _run_msg_decoder.decode(raw)
 
 
+def _refused(exc: BaseException) -> bool:
+    """The server turned us away (credentials, or a TLS handshake it or we rejected): retrying
+    will not help, unlike a server that is not up yet."""
+    if isinstance(exc, ssl.SSLError):
+        return True
+    text = str(exc).lower()
+    return "authori" in text or "authenticat" in text
+
+
 async def open_nats(
     servers: str | Sequence[str],
     *,
@@ -343,17 +353,19 @@ async def open_nats(
     errors: list[BaseException] = []
     connected = False
 
+    refusal = asyncio.Event()
+
     async def on_error(exc: Exception) -> None:
         if connected:
             log.warning("nats error", error=repr(exc))
         else:
             errors.append(exc)
+            if _refused(exc):
+                refusal.set()
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    while True:
-        try:
-            nc = await nats.connect(
+    async def attempt() -> NatsClient:
+        connecting = asyncio.ensure_future(
+            nats.connect(
                 servers=urls,
                 name=name,
                 max_reconnect_attempts=1,  # the initial attempts; forever once connected (below)
@@ -363,12 +375,29 @@ async def open_nats(
                 error_cb=on_error,
                 **options,
             )
+        )
+        refused = asyncio.ensure_future(refusal.wait())
+        # nats-py 2.16 never returns from connect() when we reject the server's certificate
+        # (it reports the error, then hangs): a refusal reported to on_error ends the attempt.
+        await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
+        refused.cancel()
+        if connecting.done():
+            return connecting.result()
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *NATS_ERRORS):
+            await connecting
+        raise nats.errors.NoServersError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            nc = await attempt()
         except NATS_ERRORS as exc:
-            refused = next(
-                (e for e in errors if "authori" in str(e).lower() or "authenticat" in str(e).lower()), None
-            )
+            refused = next((e for e in errors if _refused(e)), None)
             if refused is not None or loop.time() >= deadline:
-                cause = refused or exc
+                # what the server said beats nats-py's summary ("NoServersError")
+                cause = refused or (errors[-1] if errors else exc)
                 raise NatsError(f"cannot connect to NATS at {', '.join(urls)}: {cause!r}") from cause
             await asyncio.sleep(0.5)
             continue
