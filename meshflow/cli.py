@@ -193,6 +193,7 @@ _AUTH_FLAGS = (
     ("--nats-tls-ca", "tls_ca", "CA bundle (env MESHFLOW_NATS_TLS_CA)"),
     ("--nats-tls-cert", "tls_cert", "client certificate (env MESHFLOW_NATS_TLS_CERT)"),
     ("--nats-tls-key", "tls_key", "client key (env MESHFLOW_NATS_TLS_KEY)"),
+    ("--nats-inbox-prefix", "inbox_prefix", "reply subjects prefix (env MESHFLOW_NATS_INBOX_PREFIX)"),
 )
 
 

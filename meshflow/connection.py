@@ -8,12 +8,15 @@ checked when the options are built, so a wrong path is a clear error, not a fail
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+_INBOX_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,9 @@ class NatsAuth:
         creds: path to a ``.creds`` file (a user JWT and its nkey seed).
         tls_ca: path to the CA bundle that signed the servers' certificates.
         tls_cert, tls_key: paths to this client's certificate and key (mutual TLS).
+        inbox_prefix: the subject prefix of this client's reply inboxes (default ``_INBOX``).
+            Give each identity its own (``_INBOX_worker``) and allow it only that one, and no
+            identity can overhear the replies another one reads (deploy/nats/accounts.conf).
     """
 
     user: str | None = None
@@ -37,11 +43,12 @@ class NatsAuth:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    inbox_prefix: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> NatsAuth:
         """From ``MESHFLOW_NATS_USER``, ``_PASSWORD``, ``_TOKEN``, ``_NKEY``, ``_CREDS``,
-        ``_TLS_CA``, ``_TLS_CERT`` and ``_TLS_KEY``."""
+        ``_TLS_CA``, ``_TLS_CERT``, ``_TLS_KEY`` and ``_INBOX_PREFIX``."""
         env = os.environ if environ is None else environ
         names = {"nkey_seed": "NKEY"}
         return cls(
@@ -53,20 +60,10 @@ class NatsAuth:
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for ``nats.connect``."""
-        if (self.user is None) != (self.password is None):
-            raise ConfigError("NATS user and password go together: give both or neither")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("a TLS client certificate needs its key (and the key its certificate)")
-        for what, path in (
-            ("nkey seed", self.nkey_seed),
-            ("creds file", self.creds),
-            ("TLS CA", self.tls_ca),
-            ("TLS certificate", self.tls_cert),
-            ("TLS key", self.tls_key),
-        ):
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"the {what} {path!r} does not exist or is not a file")
+        self._check()
         out: dict[str, Any] = {}
+        if self.inbox_prefix is not None:
+            out["inbox_prefix"] = self.inbox_prefix
         if self.user is not None:
             out.update(user=self.user, password=self.password)
         if self.token is not None:
@@ -81,3 +78,23 @@ class NatsAuth:
                 context.load_cert_chain(self.tls_cert, self.tls_key)
             out["tls"] = context
         return out
+
+    def _check(self) -> None:
+        if (self.user is None) != (self.password is None):
+            raise ConfigError("NATS user and password go together: give both or neither")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("a TLS client certificate needs its key (and the key its certificate)")
+        for what, path in (
+            ("nkey seed", self.nkey_seed),
+            ("creds file", self.creds),
+            ("TLS CA", self.tls_ca),
+            ("TLS certificate", self.tls_cert),
+            ("TLS key", self.tls_key),
+        ):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"the {what} {path!r} does not exist or is not a file")
+        if self.inbox_prefix is not None and not _INBOX_PREFIX.fullmatch(self.inbox_prefix):
+            raise ConfigError(
+                f"inbox prefix {self.inbox_prefix!r}: subject tokens of letters, digits, '_' and '-' "
+                "separated by dots, no wildcards (like _INBOX_worker)"
+            )

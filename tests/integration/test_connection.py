@@ -57,5 +57,11 @@ def test_bad_auth_settings_are_config_errors(tmp_path: Path) -> None:
         meshflow.NatsAuth(creds=str(tmp_path / "missing.creds")).options()
     with pytest.raises(meshflow.ConfigError, match="needs its key"):
         meshflow.NatsAuth(tls_cert=str(tmp_path)).options()
+    for prefix in ("_INBOX.>", "_INBOX.*", "my inbox", "", "a..b"):
+        with pytest.raises(meshflow.ConfigError, match="inbox prefix"):
+            meshflow.NatsAuth(inbox_prefix=prefix).options()
+    assert meshflow.NatsAuth(inbox_prefix="_INBOX_worker").options() == {"inbox_prefix": "_INBOX_worker"}
     env = {"MESHFLOW_NATS_USER": "u", "MESHFLOW_NATS_PASSWORD": "p", "MESHFLOW_NATS_NKEY": "/k"}
-    assert meshflow.NatsAuth.from_env(env) == meshflow.NatsAuth(user="u", password="p", nkey_seed="/k")
+    env["MESHFLOW_NATS_INBOX_PREFIX"] = "_INBOX_w"
+    expected = meshflow.NatsAuth(user="u", password="p", nkey_seed="/k", inbox_prefix="_INBOX_w")
+    assert meshflow.NatsAuth.from_env(env) == expected

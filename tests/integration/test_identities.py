@@ -88,9 +88,16 @@ def server(tmp_path_factory: pytest.TempPathFactory, passwords: dict[str, str]) 
     server.stop()
 
 
+# The reply inboxes each identity may use (accounts.conf): its own, so none overhears another's.
+INBOXES = {"worker": "_INBOX_worker", "dashboard": "_INBOX_dashboard"}
+
+
 @pytest.fixture(scope="module")
 def auth(passwords: dict[str, str]) -> dict[str, meshflow.NatsAuth]:
-    return {user: meshflow.NatsAuth(user=user, password=pw) for user, pw in passwords.items()}
+    return {
+        user: meshflow.NatsAuth(user=user, password=pw, inbox_prefix=INBOXES.get(user))
+        for user, pw in passwords.items()
+    }
 
 
 def violations(server: EmbeddedServer) -> list[tuple[str, str, str, str]]:
@@ -172,7 +179,12 @@ async def probe(server: EmbeddedServer, passwords: dict[str, str]) -> AsyncItera
                 errors.append(str(exc).lower())
 
             nc = await nats.connect(
-                server.url, user=user, password=passwords[user], name=f"probe-{user}", error_cb=on_error
+                server.url,
+                user=user,
+                password=passwords[user],
+                name=f"probe-{user}",
+                error_cb=on_error,
+                inbox_prefix=INBOXES.get(user, "_INBOX"),
             )
             stack.push_async_callback(nc.close)
             return Probe(nc, errors)
@@ -380,30 +392,60 @@ async def test_a_publisher_sends_events_and_nothing_else(probe: OpenProbe) -> No
     await intruder.denied("mf.cancel.01J0000000000000000000000")
 
 
-async def test_a_publisher_overhears_no_replies_but_its_own(
+async def test_no_identity_overhears_the_step_results_workers_read(
     server: EmbeddedServer,
     worker: meshflow.Worker,
     publisher: meshflow.Client,
     dashboard: meshflow.Client,
     probe: OpenProbe,
 ) -> None:
-    """Replies (acks, reads) come back on inboxes, ``_INBOX.…``, and a client may listen on
-    ``_INBOX.>`` to get its own. In meshflow's account that would overhear the step results
-    workers read; publishers have an account of their own, where only publishers' acks pass."""
-    heard: dict[str, list[bytes]] = {"publisher": [], "dashboard": []}
-    for user, replies in heard.items():
+    """Replies (acks, reads) come back on inboxes, and a client must be allowed to listen on its
+    inboxes' prefix. Workers and the dashboard each have their own prefix (``_INBOX_worker``,
+    ``_INBOX_dashboard``); publishers have an account of their own, where only publishers' acks
+    pass. So only the workers hear the step results the workers read."""
+    listening = {"publisher": "_INBOX.>", "dashboard": "_INBOX_dashboard.>", "worker": "_INBOX_worker.>"}
+    heard: dict[str, list[bytes]] = {user: [] for user in listening}
+    for user, subject in listening.items():
         listener = await probe(user)
 
-        async def on_reply(msg: Any, replies: list[bytes] = replies) -> None:
+        async def on_reply(msg: Any, replies: list[bytes] = heard[user]) -> None:
             replies.append(msg.data)
 
-        await listener.nc.subscribe("_INBOX.>", cb=on_reply)
+        await listener.nc.subscribe(subject, cb=on_reply)
         await listener.nc.flush()
 
-    await place_order(publisher, dashboard, "o-5")
+    placed = meshflow.Event(name="shop/order.placed", data={"order": "o-5", "items": [30, 12]})
+    await publisher.send(placed)
+    run_id = checkout.run_id_for(placed)
+    await dashboard.wait_for_run(run_id, until=meshflow.RunStatus.WAITING, timeout=10, steps=False)
+    await publisher.send(meshflow.Event(name="shop/order.shipped", data={"order": "o-5", "carrier": "owl"}))
+    run = await dashboard.wait_for_run(run_id, timeout=10, steps=False)
+    assert run.output == {"total": 42, "carrier": "owl"}
 
-    await wait_until(  # what a listener in meshflow's account hears
-        lambda: any(b"4242-secret" in data for data in heard["dashboard"]), message="a step result"
-    )
+    # the worker read the step result back when the run resumed: it went over a worker's inbox
+    await wait_until(lambda: any(b"4242-secret" in data for data in heard["worker"]), message="a step result")
     await wait_until(lambda: len(heard["publisher"]) >= 2, message="the acks of the order's two events")
     assert all(json.loads(data)["stream"] == "MF_EVENTS" for data in heard["publisher"])
+    assert heard["dashboard"]  # it hears its own reads...
+    assert not any(b"4242-secret" in data for data in heard["dashboard"])  # ...and nothing else
+
+
+@pytest.mark.parametrize(
+    ("user", "others"),
+    [
+        ("dashboard", ["_INBOX.>", "_INBOX_worker.>", ">"]),
+        ("worker", ["_INBOX.>", "_INBOX_dashboard.>", ">"]),
+    ],
+)
+async def test_workers_and_the_dashboard_cannot_overhear_each_others_replies(
+    server: EmbeddedServer, worker: meshflow.Worker, probe: OpenProbe, user: str, others: list[str]
+) -> None:
+    someone = await probe(user)
+    for subject in others:
+        await someone.nc.subscribe(subject)
+    await wait_until(
+        lambda: sum("violation for subscription" in e for e in someone.errors) == len(others),
+        timeout=2,
+        message="every subscription refused",
+    )
+    assert meshflow_denied(server) == []

@@ -84,3 +84,11 @@ def test_workers_can_check_that_the_servers_sync_every_write(compose: dict[str, 
     host, port = monitor.removeprefix("http://").split(":")
     assert host in compose["services"]
     assert compose["x-nats-env"]["NATS_HTTP"].endswith(f":{port}")
+
+
+def test_each_identity_uses_the_reply_inboxes_its_permissions_allow(compose: dict[str, Any]) -> None:
+    accounts = (ROOT / "deploy/nats/accounts.conf").read_text()
+    for name in ("worker", "dashboard"):
+        prefix = compose["services"][name]["environment"]["MESHFLOW_NATS_INBOX_PREFIX"]
+        assert f'"{prefix}.>"' in accounts
+    assert '"_INBOX.>"' not in accounts.split("PUBLISHERS {")[0]  # nobody in MESHFLOW hears all replies
