@@ -449,3 +449,17 @@ async def test_workers_and_the_dashboard_cannot_overhear_each_others_replies(
         message="every subscription refused",
     )
     assert meshflow_denied(server) == []
+
+
+@pytest.mark.parametrize("user", ["publisher", "dashboard"])
+async def test_events_cannot_be_wiped_by_a_rollup(
+    server: EmbeddedServer, worker: meshflow.Worker, probe: OpenProbe, user: str
+) -> None:
+    """A message with ``Nats-Rollup: all`` deletes every other message of its stream when the
+    stream allows rollups. The events stream does not, so sending events cannot erase them."""
+    admin, someone = await probe("admin"), await probe(user)
+    await someone.js.publish("mf.ev.shop.noise", b"{}")  # an event it may send
+    before = (await admin.js.stream_info("MF_EVENTS")).state.messages
+    with pytest.raises(nats.js.errors.APIError, match=r"(?i)rollup"):
+        await someone.js.publish("mf.ev.shop.noise", b"{}", headers={"Nats-Rollup": "all"})
+    assert (await admin.js.stream_info("MF_EVENTS")).state.messages >= before
