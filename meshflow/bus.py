@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import ssl
 import urllib.request
-from collections.abc import AsyncGenerator, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -328,6 +329,28 @@ def decode_run_message(raw: bytes) -> RunMessage:
     return _run_msg_decoder.decode(raw)
 
 
+T = TypeVar("T")
+_PROVISION_FOR = 30.0  # seconds a JetStream API call is retried through an election
+
+
+async def through_elections(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """``call()`` a JetStream API request, retried for up to 30 s while the stream (or the
+    cluster's meta layer) has no leader: right after a stream is created by another process,
+    during a failover. Those answer 503 or not at all; any other error is raised at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _PROVISION_FOR
+    pause = 0.1
+    while True:
+        try:
+            return await call()
+        except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+            if loop.time() + pause >= deadline:
+                raise
+            log.info("JetStream has no leader to answer yet; retrying", request=what, error=repr(exc))
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
 def _refused(exc: BaseException) -> bool:
     """The server turned us away (credentials, or a TLS handshake it or we rejected): retrying
     will not help, unlike a server that is not up yet."""
@@ -447,6 +470,9 @@ class Bus:
     def __init__(self, nc: NatsClient, names: Names, requester: Requester | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=10)
+        # Reads that get no answer at all while a stream has no leader yet (just created by
+        # another process): retried sooner (`through_elections`).
+        self.js_quick = nc.jetstream(timeout=2)
         self.names = names
         self.requests = requester or Requester(nc)
 
@@ -493,17 +519,18 @@ class Bus:
     async def _ensure_stream(self, config: StreamConfig) -> None:
         assert config.name is not None
         try:
-            info = await self.js.stream_info(config.name)
+            name = config.name
+            info = await through_elections(lambda: self.js_quick.stream_info(name), f"stream info {name}")
             if config.allow_direct and not info.config.allow_direct:  # made by an older meshflow
                 info.config.allow_direct = True
-                await self.js.update_stream(info.config)
+                await through_elections(lambda: self.js.update_stream(info.config), f"update {name}")
             return
         except nats.js.errors.NotFoundError:
             pass
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot read stream {config.name}: {exc!r}") from exc
         try:
-            await self.js.add_stream(config)
+            await through_elections(lambda: self.js.add_stream(config), f"create {config.name}")
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != 10058:  # 10058: created concurrently by another process
                 raise NatsError(f"cannot create stream {config.name}: {exc.description}") from exc
@@ -516,13 +543,17 @@ class Bus:
         (say, created on one node before it joined a cluster)."""
         for stream in streams:
             try:
-                info = await self.js.stream_info(stream)
+                info = await through_elections(
+                    functools.partial(self.js_quick.stream_info, stream), f"stream info {stream}"
+                )
                 have = info.config.num_replicas or 1
                 if have == replicas:
                     continue
                 if scale:
                     info.config.num_replicas = replicas
-                    await self.js.update_stream(info.config)
+                    await through_elections(
+                        functools.partial(self.js.update_stream, info.config), f"replicas of {stream}"
+                    )
                     log.info("stream replicas changed", stream=stream, before=have, after=replicas)
                 elif have < replicas:
                     log.warning(
@@ -555,7 +586,9 @@ class Bus:
         configs.append((n.runs_stream, runs))
         for stream, config in configs:
             try:
-                await self.js.add_consumer(stream, config)
+                await through_elections(
+                    functools.partial(self.js.add_consumer, stream, config), f"consumer {config.name}"
+                )
             except NATS_ERRORS as exc:
                 raise NatsError(f"cannot create consumer {config.name} on {stream}: {exc!r}") from exc
 
@@ -586,7 +619,9 @@ class Bus:
             filter_subject=n.event_subject(event_name),
         )
         try:
-            await self.js.add_consumer(n.events_stream, config)
+            await through_elections(
+                lambda: self.js.add_consumer(n.events_stream, config), f"consumer {config.name}"
+            )
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot create consumer {config.name} on {n.events_stream}: {exc!r}") from exc
 

@@ -23,7 +23,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
 
-from .bus import NATS_ERRORS, ApiError, Bus, Requester
+from .bus import NATS_ERRORS, ApiError, Bus, Requester, through_elections
 from .durations import from_ms, rfc3339
 from .errors import NatsError
 from .names import (
@@ -144,6 +144,7 @@ class Store:
     def __init__(self, nc: NatsClient, names: Names, requester: Requester | None = None) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=10)
+        self._js_quick = nc.jetstream(timeout=2)  # for reads retried through elections
         self.names = names
         self.requests = requester or Requester(nc)
         self._runs: Any = None
@@ -176,21 +177,20 @@ class Store:
 
     async def _bucket(self, name: str, create: bool, replicas: int) -> Any:
         try:
-            return await self.js.key_value(name)
+            return await through_elections(lambda: self._js_quick.key_value(name), f"bucket {name}")
         except nats.js.errors.BucketNotFoundError:
             if not create:
                 raise NatsError(f"bucket {name} does not exist: start a worker first") from None
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot open bucket {name}: {exc!r}") from exc
         try:
-            return await self.js.create_key_value(
-                KeyValueConfig(
-                    bucket=name, history=1, storage=StorageType.FILE, replicas=replicas, direct=True
-                )
+            config = KeyValueConfig(
+                bucket=name, history=1, storage=StorageType.FILE, replicas=replicas, direct=True
             )
+            return await through_elections(lambda: self.js.create_key_value(config), f"create bucket {name}")
         except NATS_ERRORS as exc:
             try:  # another process may have created it at the same moment
-                return await self.js.key_value(name)
+                return await through_elections(lambda: self._js_quick.key_value(name), f"bucket {name}")
             except NATS_ERRORS:
                 raise NatsError(f"cannot create bucket {name}: {exc!r}") from exc
 
