@@ -117,6 +117,9 @@ async def serve(store: Store, bus: Bus, msg: Any) -> None:
         reply = _Reply(not_found=str(exc))
     except (MeshflowError, msgspec.ValidationError, msgspec.DecodeError) as exc:
         reply = _Reply(error=str(exc))
+    except Exception as exc:  # a service boundary: the caller gets an answer, the log the trace
+        log.exception("control request failed", operation=operation)
+        reply = _Reply(error=f"the worker failed: {exc!r}")
     log.info("control request served", operation=operation, error=reply.error or reply.not_found or None)
     if msg.reply:
         try:
