@@ -453,6 +453,22 @@ async def syncs_every_write(nc: NatsClient, monitor: str | None = None) -> bool 
     return bool(config.get("sync_always", False))
 
 
+async def check_durability(nc: NatsClient, monitor: str | None = None) -> None:
+    """Warn, once, when the server can lose acknowledged writes on a crash (DESIGN §5)."""
+    syncs = await syncs_every_write(nc, monitor)
+    if syncs is False:
+        log.warning(
+            "the NATS server does not sync every write to disk: an OS crash or power loss can lose "
+            "acknowledged events and step results. Set `jetstream { sync_interval: always }` in its "
+            "config (docs/deploy.md)"
+        )
+    elif syncs is None:
+        log.info(
+            "could not tell whether the NATS server syncs every write (give --nats-monitor); "
+            "production servers should set `jetstream { sync_interval: always }`"
+        )
+
+
 _VARZ_ERRORS: tuple[type[BaseException], ...] = (*NATS_ERRORS, msgspec.DecodeError, AttributeError)
 
 

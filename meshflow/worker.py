@@ -34,7 +34,7 @@ import nats.errors
 import structlog
 
 from . import control, replay
-from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, decode_run_message, open_nats, syncs_every_write
+from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, check_durability, decode_run_message, open_nats
 from .connection import NatsAuth
 from .control import request_cancel
 from .durations import epoch_ms, format_duration, now_ms
@@ -162,6 +162,7 @@ class Worker(Triggers):
         self._stopped = asyncio.Event()
         self.nc: Any = None
         self._started_at = 0
+        self._control: Any = None  # the subscription serving control requests (`control.serve`)
         self.bus: Bus
         self.store: Store
 
@@ -214,11 +215,13 @@ class Worker(Triggers):
         await self.router.discover()
         self._loops.append(asyncio.create_task(self._discover_routes()))
         self._started_at = now_ms()
-        await self._check_durability()
+        await check_durability(self.nc, self.monitor)
         await self._announce()
         self._loops.append(asyncio.create_task(self._announce_loop()))
         await self.nc.subscribe(n.cancel_subjects, cb=self._on_cancel_signal)
-        await self.nc.subscribe(n.control_subjects, queue="meshflow-control", cb=self._on_control)
+        self._control = await self.nc.subscribe(
+            n.control_subjects, queue="meshflow-control", cb=self._on_control
+        )
         for fn in self.functions.values():
             for cron in fn.crons:
                 await self.bus.schedule_cron(fn, cron_key(cron), cron.next_after(now_ms()))
@@ -234,6 +237,9 @@ class Worker(Triggers):
             await self._stopped.wait()
             return
         self._stopping.set()
+        if self._control is not None:  # from now on, control requests go to other workers
+            with contextlib.suppress(*NATS_ERRORS):
+                await self._control.unsubscribe()
         self._timers.close()  # their durable schedules remain
         for loop_task in self._loops:
             loop_task.cancel()
@@ -336,21 +342,6 @@ class Worker(Triggers):
     async def _follow_route(self, event_name: str, token: str) -> None:
         sub = await self.bus.pull(self.names.events_stream, self.names.route_consumer(token))
         self._loops.append(asyncio.create_task(self._pull_loop(sub, f"route {event_name}", self._on_routed)))
-
-    async def _check_durability(self) -> None:
-        """Warn, once, when the server can lose acknowledged writes on a crash (DESIGN §5)."""
-        syncs = await syncs_every_write(self.nc, self.monitor)
-        if syncs is False:
-            log.warning(
-                "the NATS server does not sync every write to disk: an OS crash or power loss can lose "
-                "acknowledged events and step results. Set `jetstream { sync_interval: always }` in its "
-                "config (docs/deploy.md)"
-            )
-        elif syncs is None:
-            log.info(
-                "could not tell whether the NATS server syncs every write (give --nats-monitor); "
-                "production servers should set `jetstream { sync_interval: always }`"
-            )
 
     async def _announce(self) -> None:
         info = WorkerInfo(
