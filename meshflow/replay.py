@@ -8,7 +8,8 @@ Rules (the tests in ``tests/unit/test_replay.py`` defend each):
 2. The first new ``step.run`` executes inline and its memo is committed through
    ``Effects.commit`` *before* the function continues. Execution goes on inline through as many
    steps as it can, so a pass is O(steps), not O(steps²) re-replays. Steps awaited together
-   (``asyncio.gather``) execute concurrently.
+   (``asyncio.gather``) execute concurrently, except in a function with a concurrency limit:
+   a limit counts executing steps and a pass holds one slot, so its steps execute one at a time.
 3. A step that cannot finish now *parks* its branch: a sleep not yet due, or a failed step
    waiting for its retry backoff. When nothing is executing and every live branch is parked, the
    pass ends with `Suspended` and every parked item; the run holds nothing in memory after that.
@@ -219,6 +220,8 @@ class _Pass:
         self.parked: dict[str, Pending] = {}
         self.step_failures = dict(act.step_failures)
         self.running = 0
+        # A concurrency limit counts executing steps, and the worker holds one slot per pass.
+        self.one_at_a_time = asyncio.Semaphore(1) if act.function.flow.concurrency else None
         self.version = 0
         self.changed = asyncio.Event()
         self.replaying = bool(act.memos)
@@ -309,7 +312,12 @@ class _Pass:
             started = self.act.clock()
             memo: StepMemo | None = None
             try:
-                value = await self._call(step_id, handler, args)
+                if self.one_at_a_time is None:
+                    value = await self._call(step_id, handler, args)
+                else:
+                    async with self.one_at_a_time:
+                        started = self.act.clock()
+                        value = await self._call(step_id, handler, args)
                 output = encode_value(value, what=f"step {step_id!r}")
             except BaseException as exc:
                 task = asyncio.current_task()

@@ -6,6 +6,7 @@ test can count how often each step of each run really executed, across processes
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -65,5 +66,8 @@ async def limited(ctx: meshflow.Context) -> str:
     key, block = ctx.event.data["key"], bool(ctx.event.data.get("block"))
     await ctx.step.run("work", work, ctx.run_id, key, block)
     await ctx.step.sleep("nap", "300ms")  # a sleeping run holds no slot
-    await ctx.step.run("work-again", work, ctx.run_id, key, False)
+    await asyncio.gather(  # each executing step counts against the limit, parallel ones too
+        ctx.step.run("work-again", work, ctx.run_id, key, False),
+        ctx.step.run("work-more", work, ctx.run_id, key, False),
+    )
     return key

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 from meshflow.durations import from_ms
 from meshflow.errors import NonRetriableError, RetryAfterError, StepError
 from meshflow.events import Event
+from meshflow.flow.config import Concurrency
 from meshflow.functions import App, Function
 from meshflow.ids import step_hash
 from meshflow.replay import Activation, Completed, Failed, Outcome, Suspended, execute
@@ -414,6 +415,28 @@ async def test_steps_awaited_together_with_gather_run_concurrently_in_one_pass(a
 
     assert output(await run.advance()) == ["a", "b"]
     assert sorted(run.committed) == ["a", "b"]
+
+
+async def test_under_a_concurrency_limit_steps_awaited_together_run_one_at_a_time(app: App) -> None:
+    executing: list[int] = [0]
+    most: list[int] = [0]
+
+    async def step(name: str) -> str:
+        executing[0] += 1
+        most[0] = max(most[0], executing[0])
+        await asyncio.sleep(0.01)  # gives the other branch every chance to start meanwhile
+        executing[0] -= 1
+        return name
+
+    @app.function("f", trigger="t/e", retries=0, concurrency=Concurrency(limit=5))
+    async def f(ctx: Context) -> list[str]:
+        return list(await asyncio.gather(*(ctx.step.run(n, step, n) for n in "abc")))
+
+    run = Run(f)
+
+    assert output(await run.advance()) == ["a", "b", "c"]
+    assert sorted(run.committed) == ["a", "b", "c"]
+    assert most == [1]  # the pass holds one slot: one step at a time
 
 
 # --- sleeps ------------------------------------------------------------------------------------
