@@ -50,9 +50,7 @@ class _WrongRevision(Exception):
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
 _TIMEOUT = 10.0
-# Each attempt waits as long as a single attempt did before retries came in: an overloaded
-# client whose replies are merely slow must not pile retries on top of them.
-_ATTEMPT_TIMEOUT = _TIMEOUT
+_ATTEMPT_TIMEOUT = 3.0
 #: How long a KV read or write keeps retrying through a leader election (NATS-NOTES: 5-7 s).
 _RETRY_FOR = 30.0
 
