@@ -33,7 +33,7 @@ MAX_EVENTS = 3000  # the load stops at whichever bound comes first: count, time,
 MAX_LOAD_SECONDS = 45.0
 BATCH = 5  # events per send
 PACE = 0.03  # seconds between sends: a steady load the workers keep up with, not a flood
-ACK_WAIT = 10.0  # also the run lease, longer than a leader election (5-7 s)
+ACK_WAIT = 15.0  # the run lease: must outlast an election (5-7 s) plus a lost write's 3 s attempt
 _ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 
 
