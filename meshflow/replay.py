@@ -8,8 +8,8 @@ Rules (the tests in ``tests/unit/test_replay.py`` defend each):
 2. The first new ``step.run`` executes inline and its memo is committed through
    ``Effects.commit`` *before* the function continues. Execution goes on inline through as many
    steps as it can, so a pass is O(steps), not O(steps²) re-replays. Steps awaited together
-   (``asyncio.gather``) execute concurrently, except in a function with a concurrency limit:
-   a limit counts executing steps and a pass holds one slot, so its steps execute one at a time.
+   (``asyncio.gather``) execute concurrently; in a function with a concurrency limit each
+   executes inside ``Activation.step_slot`` (a slot per executing step), by default one at a time.
 3. A step that cannot finish now *parks* its branch: a sleep not yet due, or a failed step
    waiting for its retry backoff. When nothing is executing and every live branch is parked, the
    pass ends with `Suspended` and every parked item; the run holds nothing in memory after that.
@@ -29,6 +29,7 @@ task by cancelling it, so nothing a user writes in ``except Exception:`` can swa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime as dt
 import inspect
@@ -118,6 +119,10 @@ class Activation:
     seq: int = 0  # the triggering event's events-stream sequence (0: not from the stream)
     created_at: int = 0  # when the run was created, epoch ms
     cancelled: Callable[[], bool] = lambda: False  # asked before each new step
+    # Entered around each step's execution when the function has a concurrency limit: holds a
+    # slot for the step (the worker's takes an extra slot per step executing beside another).
+    # None: one step at a time, on the slot the pass holds.
+    step_slot: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None
 
 
 class Completed(msgspec.Struct, frozen=True, tag=True):
@@ -208,6 +213,12 @@ async def _body(function: Function, ctx: Context) -> Any:
         raise _Exit(exc) from None
 
 
+def _one_at_a_time() -> Callable[[], contextlib.AbstractAsyncContextManager[Any]]:
+    """A step slot for a pass with no other: its steps execute one at a time."""
+    semaphore = asyncio.Semaphore(1)
+    return lambda: semaphore
+
+
 class _Pass:
     """One advance of one run: replays memos, executes new steps, collects parked items."""
 
@@ -220,8 +231,10 @@ class _Pass:
         self.parked: dict[str, Pending] = {}
         self.step_failures = dict(act.step_failures)
         self.running = 0
-        # A concurrency limit counts executing steps, and the worker holds one slot per pass.
-        self.one_at_a_time = asyncio.Semaphore(1) if act.function.flow.concurrency else None
+        # A concurrency limit counts executing steps: each executes holding a slot.
+        self.step_slot = act.step_slot
+        if self.step_slot is None and act.function.flow.concurrency:
+            self.step_slot = _one_at_a_time()
         self.version = 0
         self.changed = asyncio.Event()
         self.replaying = bool(act.memos)
@@ -312,10 +325,10 @@ class _Pass:
             started = self.act.clock()
             memo: StepMemo | None = None
             try:
-                if self.one_at_a_time is None:
+                if self.step_slot is None:
                     value = await self._call(step_id, handler, args)
                 else:
-                    async with self.one_at_a_time:
+                    async with self.step_slot():
                         started = self.act.clock()
                         value = await self._call(step_id, handler, args)
                 output = encode_value(value, what=f"step {step_id!r}")

@@ -24,7 +24,7 @@ from .cron import Cron
 from .durations import from_ms, now_ms, rfc3339
 from .errors import RunNotFoundError
 from .events import Event, decode_event
-from .flow.slots import Slot
+from .flow.slots import Slot, StepSlots
 from .flow.starts import Admission, Starts
 from .flow.windows import Windows
 from .functions import Function
@@ -184,10 +184,11 @@ class Holder:
     """The lease holder's latest view of the run record and its revision (and the concurrency
     slots the pass holds)."""
 
-    __slots__ = ("owner", "record", "rev", "slots")
+    __slots__ = ("owner", "record", "rev", "slots", "step_slots")
 
     def __init__(self, record: RunRecord, rev: int, slots: list[Slot] | None = None, owner: str = "") -> None:
         self.record = record
         self.rev = rev
         self.slots = slots or []
         self.owner = owner
+        self.step_slots: StepSlots | None = None  # extra slots for steps executing side by side

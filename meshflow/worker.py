@@ -40,7 +40,7 @@ from .control import request_cancel
 from .durations import epoch_ms, format_duration, now_ms
 from .errors import MeshflowError, NatsError
 from .events import Event, encode_event
-from .flow.slots import Slot, Slots
+from .flow.slots import Slot, Slots, StepSlots
 from .flow.starts import Admission, Starts
 from .flow.windows import Windows
 from .functions import App, Function
@@ -523,6 +523,8 @@ class Worker(Triggers):
         # Waits registered and children started already; after a redelivery, do them again.
         opened = set() if redelivered else {p.key for p in before.pending}
         pending, failures, attempt = record.pending, record.step_failures, record.attempt
+        if holder.slots:
+            holder.step_slots = StepSlots(self.slots, fn, record, holder.owner)
         beat = asyncio.create_task(self._heartbeat(msg, holder))
         outcome: replay.Outcome = replay.Cancelled()
         try:
@@ -539,6 +541,7 @@ class Worker(Triggers):
                         seq=record.seq,
                         created_at=record.created_at,
                         cancelled=lambda: record.id in self._cancel_signals,
+                        step_slot=holder.step_slots.executing if holder.step_slots else None,
                     ),
                     effects,
                 )
@@ -590,6 +593,8 @@ class Worker(Triggers):
             if holder.slots:
                 with contextlib.suppress(MeshflowError):
                     await self.slots.renew(holder.slots, holder.owner)
+                    if holder.step_slots is not None:
+                        await holder.step_slots.renew()
             try:
                 holder.rev = await self.store.update_run(renewed, holder.rev)
                 holder.record = renewed

@@ -36,9 +36,19 @@ def _live(state: State, now: int) -> State:
 
 
 def acquire(
-    state: State, owner: str, run_id: str, now: int, *, limit: int, lease_ms: int, priority_ms: int = 0
+    state: State,
+    owner: str,
+    run_id: str,
+    now: int,
+    *,
+    limit: int,
+    lease_ms: int,
+    priority_ms: int = 0,
+    queue: bool = True,
 ) -> tuple[bool, State]:
-    """Take a slot for ``owner`` (a pass of ``run_id``), or queue the run; and the state to store."""
+    """Take a slot for ``owner`` (a pass of ``run_id``), or queue the run (unless ``queue`` is
+    off: an extra slot for a step beside another, which goes without rather than wait); and the
+    state to store."""
     live = _live(state, now)
     score = live.waiting.get(run_id, (now - priority_ms, 0))[0]
     ahead = any(s < score for r, (s, _) in live.waiting.items() if r != run_id)
@@ -46,7 +56,7 @@ def acquire(
         live.holders[owner] = now + lease_ms
         live.waiting.pop(run_id, None)
         return True, live
-    if run_id in live.waiting or len(live.waiting) < MAX_WAITING:
+    if queue and (run_id in live.waiting or len(live.waiting) < MAX_WAITING):
         live.waiting[run_id] = (score, now + WAIT_LEASE_MS)
     return False, live
 

@@ -8,8 +8,11 @@ updated by compare-and-set. Whoever frees a slot wakes the waiting run it goes t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import secrets
+from collections.abc import AsyncIterator
 
 import msgspec
 import structlog
@@ -83,12 +86,33 @@ class Slots:
             held.append((key, limit))
         return held, owner
 
-    async def _acquire(self, key: str, limit: int, owner: str, run_id: str, priority: int) -> bool:
+    async def try_extra(self, fn: Function, record: RunRecord, owner: str) -> list[Slot] | None:
+        """An extra slot under every constraint, for a step executing beside another in a pass;
+        None (holding nothing, queued nowhere) unless each is free and no run waits for it."""
+        priority = self.priority_ms(fn, record)
+        held: list[Slot] = []
+        for key, limit in self.keys(fn, record):
+            if not await self._acquire(key, limit, owner, record.id, priority, queue=False):
+                await self.release(held, owner)
+                return None
+            held.append((key, limit))
+        return held
+
+    async def _acquire(
+        self, key: str, limit: int, owner: str, run_id: str, priority: int, *, queue: bool = True
+    ) -> bool:
         for _ in range(_ATTEMPTS):
             got = await self.store.get_flow(key)
             state = _decoder.decode(got[0]) if got and got[0] else concurrency.State()
             taken, new = concurrency.acquire(
-                state, owner, run_id, now_ms(), limit=limit, lease_ms=self.lease_ms, priority_ms=priority
+                state,
+                owner,
+                run_id,
+                now_ms(),
+                limit=limit,
+                lease_ms=self.lease_ms,
+                priority_ms=priority,
+                queue=queue,
             )
             if await self.store.put_flow(key, msgspec.json.encode(new), got[1] if got else 0, self._ttl()):
                 return taken
@@ -131,3 +155,59 @@ class Slots:
 
     def _ttl(self) -> int:
         return max(self.lease_ms, concurrency.WAIT_LEASE_MS) // 1000 + 60
+
+
+class StepSlots:
+    """The slots one pass's executing steps hold (`replay.Activation.step_slot`).
+
+    A limit counts executing steps. The first step executes on the slot the pass took; a step
+    that starts while another executes takes an extra slot if one is free and no run waits
+    for it (released when the step ends), or else waits for the pass's own slot.
+    """
+
+    def __init__(self, slots: Slots, fn: Function, record: RunRecord, owner: str) -> None:
+        self._slots = slots
+        self._fn = fn
+        self._record = record
+        self._owner = owner
+        self._own_free = asyncio.Condition()
+        self._own_busy = False
+        self._extras: dict[str, list[Slot]] = {}  # extra holder -> its slots
+        self._count = 0
+
+    @contextlib.asynccontextmanager
+    async def executing(self) -> AsyncIterator[None]:
+        if not self._own_busy:
+            async with self._own():
+                yield
+            return
+        self._count += 1
+        extra_owner = f"{self._owner}.x{self._count}"
+        extra = await self._slots.try_extra(self._fn, self._record, extra_owner)
+        if extra is None:
+            async with self._own():
+                yield
+            return
+        self._extras[extra_owner] = extra
+        try:
+            yield
+        finally:
+            del self._extras[extra_owner]
+            await self._slots.release(extra, extra_owner)
+
+    @contextlib.asynccontextmanager
+    async def _own(self) -> AsyncIterator[None]:
+        async with self._own_free:
+            await self._own_free.wait_for(lambda: not self._own_busy)
+            self._own_busy = True
+        try:
+            yield
+        finally:
+            async with self._own_free:
+                self._own_busy = False
+                self._own_free.notify()
+
+    async def renew(self) -> None:
+        """Extend the leases of the extra slots held now (the pass's own renews with the pass)."""
+        for owner, slots in list(self._extras.items()):
+            await self._slots.renew(slots, owner)

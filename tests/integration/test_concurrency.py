@@ -3,6 +3,7 @@ steps at once; sleeping runs hold no slot; a killed worker's slots free within i
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from pathlib import Path
 
@@ -97,3 +98,38 @@ async def test_a_killed_workers_slots_free_within_its_lease(
     assert {r.status for r in runs} == {meshflow.RunStatus.COMPLETED}
     executing, _ = overlaps(ledger)
     assert executing["k"] <= 3 + 3  # the killed worker's 3 never ended; the rest never exceeded 3
+
+
+async def test_steps_a_run_awaits_together_each_take_a_slot_while_slots_are_free(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    """Limit 2, one run. Two parallel steps execute side by side (each returns only once the
+    other has started); of three parallel steps, never more than two execute at once."""
+    app = meshflow.App("parallel")
+    started = {name: asyncio.Event() for name in "ab"}
+    executing, most = [0], [0]
+
+    async def meet(name: str, other: str) -> str:
+        started[name].set()
+        await asyncio.wait_for(started[other].wait(), timeout=10)
+        return name
+
+    async def busy(name: str) -> str:
+        executing[0] += 1
+        most[0] = max(most[0], executing[0])
+        await asyncio.sleep(0.05)  # long enough for a third step to start beside them, if it could
+        executing[0] -= 1
+        return name
+
+    @app.function("fan", trigger="parallel/go", concurrency=meshflow.Concurrency(limit=2), retries=0)
+    async def fan(ctx: meshflow.Context) -> list[str]:
+        met = await asyncio.gather(ctx.step.run("a", meet, "a", "b"), ctx.step.run("b", meet, "b", "a"))
+        done = await asyncio.gather(*(ctx.step.run(n, busy, n) for n in "cde"))
+        return [*met, *done]
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        event = meshflow.Event(name="parallel/go")
+        await client.send(event)
+        run = await client.wait_for_run(fan.run_id_for(event), timeout=30)
+    assert run.output == ["a", "b", "c", "d", "e"]
+    assert most[0] <= 2  # the limit: the third waits for a slot

@@ -83,3 +83,19 @@ def test_a_free_slot_goes_to_the_first_waiting_run_unless_priority_says_otherwis
     assert ok
     state, wake = concurrency.release(state, "a.y", 5000, limit=1)
     assert wake == "v"  # its score (3500 - 2000) is lower than b's (2000) and c's (3000)
+
+
+def test_an_extra_step_slot_is_taken_only_when_free_and_nobody_waits_and_never_queues() -> None:
+    state = concurrency.State()
+    _, state = concurrency.acquire(state, "r1.p", "r1", 0, limit=2, lease_ms=60_000)
+    ok, state = concurrency.acquire(state, "r1.p.x1", "r1", 1, limit=2, lease_ms=60_000, queue=False)
+    assert ok  # a free slot: the run's second parallel step takes it
+    ok, state = concurrency.acquire(state, "r1.p.x2", "r1", 2, limit=2, lease_ms=60_000, queue=False)
+    assert not ok
+    assert state.waiting == {}  # going without is not waiting: nothing queued
+    state, _ = concurrency.release(state, "r1.p.x1", 3, limit=2)
+    ok, state = concurrency.acquire(state, "r2.p", "r2", 4, limit=1, lease_ms=60_000)
+    assert not ok
+    assert "r2" in state.waiting  # a run waits for the slot...
+    ok, state = concurrency.acquire(state, "r1.p.x3", "r1", 5, limit=2, lease_ms=60_000, queue=False)
+    assert not ok  # ...so no extra step slot goes ahead of it
