@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from . import control
-from .bus import NATS_ERRORS, Bus, Following, open_nats
+from .bus import Bus, Following, open_nats
 from .codec import decode_value
 from .connection import NatsAuth
 from .cron import parse_cron
@@ -28,6 +28,7 @@ from .errors import EventError, MeshflowError, RunNotFoundError, RunTimeoutError
 from .events import Event, decode_event, encode_event, validate_event_name
 from .ids import is_ulid, run_id_for, ulid_time_ms
 from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names, kv_stream, kv_subject
+from .requests import NATS_ERRORS
 from .runs import NEVER, ErrorInfo, Pending, PendingKind, RunRecord, RunStatus, StepMemo, decode_run
 from .store import FunctionInfo, Store, WorkerInfo
 

@@ -26,10 +26,11 @@ import msgspec
 import nats.errors
 import structlog
 
-from .bus import NATS_ERRORS, Bus, RunMessage
+from .bus import Bus, RunMessage
 from .durations import now_ms
 from .errors import MeshflowError, NatsError, RunNotFoundError
 from .ids import new_ulid
+from .requests import NATS_ERRORS
 from .runs import CancelInfo, RunRecord, RunStatus
 from .store import RunConflict, Store
 

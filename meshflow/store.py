@@ -23,7 +23,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
 
-from .bus import NATS_ERRORS, ApiError, Bus, Requester, through_elections
+from .bus import Bus, through_elections
 from .durations import from_ms, rfc3339
 from .errors import NatsError
 from .names import (
@@ -35,6 +35,7 @@ from .names import (
     kv_stream,
     kv_subject,
 )
+from .requests import NATS_ERRORS, ApiError, Requester
 from .runs import RunRecord, StepMemo, decode_memo, decode_run, encode_record
 
 _BATCH = 1024  # the most subjects one multi_last direct get may match

@@ -34,7 +34,7 @@ import nats.errors
 import structlog
 
 from . import control, replay
-from .bus import ACK_WAIT, NATS_ERRORS, Bus, RunMessage, check_durability, decode_run_message, open_nats
+from .bus import ACK_WAIT, Bus, RunMessage, check_durability, decode_run_message, open_nats
 from .connection import NatsAuth
 from .control import request_cancel
 from .durations import epoch_ms, format_duration, now_ms
@@ -47,6 +47,7 @@ from .functions import App, Function
 from .ids import new_ulid
 from .lifecycle import Lifecycle
 from .names import HDR_MSG_ID, Names
+from .requests import NATS_ERRORS
 from .router import Router
 from .runs import (
     NEVER,
