@@ -115,6 +115,11 @@ async def through_elections(call: Callable[[], Awaitable[T]], what: str) -> T:
             pause = min(pause * 2, 2.0)
 
 
+def _inbox_denied(exc: BaseException, prefix: str) -> bool:
+    text = str(exc).lower()
+    return "permissions violation for subscription" in text and f'"{prefix.lower()}.' in text
+
+
 def _refused(exc: BaseException) -> bool:
     """The server turned us away (credentials, or a TLS handshake it or we rejected): retrying
     will not help, unlike a server that is not up yet."""
@@ -143,7 +148,15 @@ async def open_nats(
     refusal = asyncio.Event()
 
     async def on_error(exc: Exception) -> None:
-        if connected:
+        if connected and _inbox_denied(exc, options.get("inbox_prefix", "_INBOX")):
+            log.error(
+                "this NATS user may not subscribe to its reply inbox, so no request gets an answer; "
+                "give the inbox prefix its permissions allow (--nats-inbox-prefix, "
+                "MESHFLOW_NATS_INBOX_PREFIX; deploy/nats/accounts.conf uses _INBOX_worker and "
+                "_INBOX_dashboard)",
+                error=str(exc),
+            )
+        elif connected:
             log.warning("nats error", error=repr(exc))
         else:
             errors.append(exc)

@@ -29,6 +29,7 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
+from structlog.testing import capture_logs
 
 import meshflow
 from meshflow.server import EmbeddedServer
@@ -75,15 +76,18 @@ def passwords() -> dict[str, str]:
     return {user: f"{user}-{secrets.token_hex(8)}" for user in USERS}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, passwords: dict[str, str]) -> Iterator[EmbeddedServer]:
+def start_server(store: Path, passwords: dict[str, str]) -> EmbeddedServer:
     """A nats-server with the shipped accounts; the passwords reach it through its environment."""
-    store = tmp_path_factory.mktemp("identities")
     include = os.path.relpath(ACCOUNTS, store)  # nats-server resolves includes from the config's folder
     with pytest.MonkeyPatch.context() as env:
         for user, password in passwords.items():
             env.setenv(f"NATS_{user.upper()}_PASSWORD", password)
-        server = EmbeddedServer(store, extra_config=f'include "{include}"').start()
+        return EmbeddedServer(store, extra_config=f'include "{include}"').start()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, passwords: dict[str, str]) -> Iterator[EmbeddedServer]:
+    server = start_server(tmp_path_factory.mktemp("identities"), passwords)
     yield server
     server.stop()
 
@@ -463,3 +467,24 @@ async def test_events_cannot_be_wiped_by_a_rollup(
     with pytest.raises(nats.js.errors.APIError, match=r"(?i)rollup"):
         await someone.js.publish("mf.ev.shop.noise", b"{}", headers={"Nats-Rollup": "all"})
     assert (await admin.js.stream_info("MF_EVENTS")).state.messages >= before
+
+
+async def test_a_process_without_its_inbox_prefix_says_what_to_set(
+    passwords: dict[str, str], tmp_path: Path
+) -> None:
+    """The dashboard's user may only use ``_INBOX_dashboard``: started without that prefix, it
+    gets no replies, and says which setting fixes that instead of only timing out. (A server of
+    its own: the others' logs must show no denial of meshflow's requests.)"""
+    auth = meshflow.NatsAuth(user="dashboard", password=passwords["dashboard"])  # no inbox prefix
+    own = start_server(tmp_path, passwords)
+    with capture_logs() as logs, own:
+        async with meshflow.connect(own.url, auth=auth, provision=False) as client:
+            reading = asyncio.create_task(client.get_run("01JUNKUNKNOWNRUN0000000000"))
+            await wait_until(
+                lambda: any(e["log_level"] == "error" and "--nats-inbox-prefix" in e["event"] for e in logs),
+                timeout=5,
+                message="an error naming the setting",
+            )
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, meshflow.NatsError):
+                await reading
