@@ -2,10 +2,12 @@
 
 Two kinds of figures:
 
-- counted as runs finish, from the ``meshflow/function.finished`` events the dashboard follows
-  from its start (counters restart with the dashboard, as Prometheus expects):
-  ``meshflow_runs_finished_total{function,status}``, ``meshflow_steps_total{function,kind,status}``
-  and ``meshflow_step_duration_seconds{function,kind}`` (a histogram);
+- counted as runs start and finish, from the start announcements workers publish (core
+  messages) and the ``meshflow/function.finished`` events the dashboard follows from its start
+  (counters restart with the dashboard, as Prometheus expects):
+  ``meshflow_runs_started_total{function}``, ``meshflow_runs_finished_total{function,status}``,
+  ``meshflow_steps_total{function,kind,status}`` and
+  ``meshflow_step_duration_seconds{function,kind}`` (a histogram);
 - read at scrape time: ``meshflow_trigger_events_total{function}`` (events each function's
   trigger consumer handled: the runs it started, plus events its ``if_`` or flow control turned
   away), ``meshflow_consumer_pending{function,consumer}`` and
@@ -63,27 +65,54 @@ class Metrics:
             buckets=(0.005, 0.025, 0.1, 0.5, 1, 5, 30, 60, 600, 3600, 86400),
             registry=self.registry,
         )
-        self._task: asyncio.Task[None] | None = None
-        self.following = asyncio.Event()  # set once runs finishing from now on are counted
+        self.started = Counter(
+            "meshflow_runs_started",
+            "Runs that started (their first pass began)",
+            ["function"],
+            registry=self.registry,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._followed: set[str] = set()
+        self.following = asyncio.Event()  # set once runs starting and finishing from now on count
 
     def start(self, client: meshflow.Client) -> None:
-        self._task = asyncio.create_task(self._follow(client))
+        self._tasks = [
+            asyncio.create_task(self._follow(client)),
+            asyncio.create_task(self._follow_starts(client)),
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+
+    def _now_following(self, what: str) -> None:
+        self._followed.add(what)
+        if self._followed == {"finished", "started"}:
+            self.following.set()
 
     async def _follow(self, client: meshflow.Client) -> None:
         while True:
             try:
                 events = await client.follow_events(FINISHED)
-                self.following.set()
+                self._now_following("finished")
                 async for event in events:
                     await self._count(client, event)
             except meshflow.MeshflowError as exc:
                 log.warning("metrics: following finished runs failed; retrying", error=str(exc))
+                await asyncio.sleep(1)
+
+    async def _follow_starts(self, client: meshflow.Client) -> None:
+        while True:
+            try:
+                starts = await client.follow_starts()
+                self._now_following("started")
+                async for function in starts:
+                    self.started.labels(function).inc()
+            except meshflow.MeshflowError as exc:
+                log.warning("metrics: following run starts failed; retrying", error=str(exc))
                 await asyncio.sleep(1)
 
     async def _count(self, client: meshflow.Client, event: meshflow.Event) -> None:

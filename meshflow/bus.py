@@ -436,6 +436,12 @@ class Bus:
             raise NatsError(f"cannot follow {subject}: {exc!r}") from exc
         return Following(sub)
 
+    async def announce_start(self, fn: Function) -> None:
+        """Tell whoever counts (the dashboard's metrics) that a run of ``fn`` started: a core
+        message, no ack awaited; lost if nobody listens or the connection is down."""
+        with contextlib.suppress(*NATS_ERRORS):
+            await self.nc.publish(self.names.started_subject(fn.app_id, fn.id), fn.full_id.encode())
+
     # --- publishing ---------------------------------------------------------------------------
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> PubAck:
         """Publish to a stream and wait for its ack; `NatsError` if it is not stored in time.

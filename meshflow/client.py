@@ -371,6 +371,20 @@ class Client:
         following = await self._bus.follow(self.names.event_subject(name))
         return self._events_of(following, name)
 
+    async def follow_starts(self) -> AsyncGenerator[str, None]:
+        """The function id of every run that starts from the moment this returns (best effort:
+        workers announce starts with core messages, missed while disconnected)."""
+        following = await self._bus.follow(self.names.started_subjects)
+        return self._function_ids(following)
+
+    @staticmethod
+    async def _function_ids(following: Following) -> AsyncGenerator[str, None]:
+        try:
+            async for data in following:
+                yield data.decode(errors="replace")
+        finally:
+            await following.close()
+
     @staticmethod
     async def _events_of(following: Following, name: str) -> AsyncGenerator[Event, None]:
         try:

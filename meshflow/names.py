@@ -64,6 +64,14 @@ class Names:
     def cancel_subjects(self) -> str:
         return f"{self.ns}.cancel.*"
 
+    def started_subject(self, app_id: str, fn_id: str) -> str:
+        """Core NATS (not stored): a run of the function started (for metrics)."""
+        return f"{self.ns}.started.{app_id}.{fn_id}"
+
+    @property
+    def started_subjects(self) -> str:
+        return f"{self.ns}.started.>"
+
     def control_subject(self, operation: str) -> str:
         """Core NATS requests a worker serves for clients that may not write runs (`control`)."""
         return f"{self.ns}.ctl.{operation}"

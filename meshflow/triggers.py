@@ -158,6 +158,7 @@ class Triggers:
         if record.status is RunStatus.QUEUED:  # waits for a concurrency slot
             await self._resume(fn, msg, (record, rev), rmsg=None)
             return
+        await self.bus.announce_start(fn)
         await self._advance(fn, msg, Holder(record, rev), memos={}, rmsg=None)
 
     async def _on_cron(self, fn: Function, msg: Any, rmsg: RunMessage) -> None:

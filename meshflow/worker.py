@@ -454,6 +454,8 @@ class Worker(Triggers):
             await self.slots.release(slots, owner)
             await msg.nak(delay=0.05)
             return
+        if record.started_at is None:  # its first pass: a queued, invoked or replayed run starts
+            await self.bus.announce_start(fn)
         if not record.armed and await self.life.arm(fn, leased, starting=True):
             await self.slots.release(slots, owner)
             await msg.ack()  # cancelled by an event already sent; the cancel message ends it

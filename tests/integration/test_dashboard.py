@@ -216,6 +216,7 @@ async def test_metrics_count_finished_runs_and_steps_and_show_backlogs(
                 text = (await http.get("/metrics")).text
                 finished = (
                     'meshflow_runs_finished_total{function="demo-greet",status="completed"} 1.0' in text
+                    and 'meshflow_runs_started_total{function="demo-greet"} 1.0' in text
                 )
                 handled = 'meshflow_trigger_events_total{function="demo-greet"} 1.0' in text  # acked last
                 return text if finished and handled else None
@@ -223,6 +224,7 @@ async def test_metrics_count_finished_runs_and_steps_and_show_backlogs(
             text = await wait_until(scraped, timeout=10)
     finally:
         await board.app.state.metrics.stop()
+    assert 'meshflow_runs_started_total{function="demo-greet"} 1.0' in text
     assert 'meshflow_steps_total{function="demo-greet",kind="run",status="completed"} 1.0' in text
     assert 'meshflow_step_duration_seconds_count{function="demo-greet",kind="run"} 1.0' in text
     assert 'meshflow_consumer_pending{consumer="events",function="demo-greet"} 0.0' in text

@@ -328,6 +328,9 @@ async def test_the_dashboard_reads_runs_cancels_them_and_sends_events(
     async with contextlib.aclosing(await dashboard.follow_events("meshflow/function.finished")) as finished:
         assert await dashboard.cancel(run_id)
         assert (await asyncio.wait_for(anext(finished), 10)).data["run_id"] == run_id
+    async with contextlib.aclosing(await dashboard.follow_starts()) as starts:  # and starts
+        await place_order(publisher, dashboard, "o-4")
+        assert await asyncio.wait_for(anext(starts), 10) == "shop-checkout"
     cancelled = await dashboard.wait_for_run(run_id, timeout=10)
     assert cancelled.status is meshflow.RunStatus.CANCELLED
     admin = await probe("admin")
