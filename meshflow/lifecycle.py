@@ -15,13 +15,14 @@ The worker (``meshflow.worker``) decides when; this module knows what to write.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 
 import msgspec
 import structlog
 
 from .bus import Bus, RunMessage
 from .control import request_cancel
-from .durations import now_ms
+from .durations import format_duration, now_ms
 from .errors import NatsError
 from .events import Event
 from .expressions import ExpressionError, match_key
@@ -75,6 +76,18 @@ class Lifecycle:
                 "event skipped: idempotency key in use", function=fn.full_id, event_id=event.id, run_id=holder
             )
         return holder == run_id
+
+    async def timed_out(self, record: RunRecord, key: str) -> None:
+        """A run's start or finish timeout fired: cancel it, unless it started in time (a start
+        timeout) or its function no longer has that timeout."""
+        fn = self.functions[record.function]
+        if key == "timeout" and fn.finish_timeout_ms is not None:
+            reason = f"timed out: not finished within {_ms_text(fn.finish_timeout_ms)}"
+        elif key == "start-timeout" and record.status is RunStatus.QUEUED and fn.start_timeout_ms is not None:
+            reason = f"timed out: not started within {_ms_text(fn.start_timeout_ms)}"
+        else:
+            return
+        await request_cancel(self.store, self.bus, record.id, reason)
 
     async def arm(self, fn: Function, record: RunRecord, *, starting: bool = False) -> bool:
         """A new run's timers (delayed start, timeouts) and cancel_on waiters; True if cancelled.
@@ -199,3 +212,7 @@ class Lifecycle:
                         await self.router.forget(before.id, item)
                 elif item.until < NEVER:
                     await self.bus.cancel_timer(before.id, item.key)
+
+
+def _ms_text(ms: int) -> str:
+    return format_duration(dt.timedelta(milliseconds=ms))

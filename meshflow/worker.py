@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import os
 import random
 import signal
@@ -31,13 +30,13 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import structlog
 
 from . import control, replay
 from .bus import ACK_WAIT, Bus, RunMessage, check_durability, decode_run_message, open_nats
 from .connection import NatsAuth
-from .control import request_cancel
-from .durations import epoch_ms, format_duration, now_ms
+from .durations import epoch_ms, now_ms
 from .errors import MeshflowError, NatsError
 from .events import Event, encode_event
 from .flow.slots import Slot, Slots, StepSlots
@@ -305,7 +304,12 @@ class Worker(Triggers):
                 msgs = []
             except Exception as exc:  # connection lost, server restarting: keep trying
                 msgs = []
-                log.warning("fetch failed; retrying", consumer=label, error=repr(exc))
+                # A consumer without a leader (just created, or an election: seconds) answers
+                # 503; that is routine unless it lasts.
+                routine = isinstance(exc, nats.js.errors.ServiceUnavailableError) and backoff < 2.0
+                (log.info if routine else log.warning)(
+                    "fetch failed; retrying", consumer=label, error=repr(exc)
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             for msg in msgs:
@@ -412,7 +416,7 @@ class Worker(Triggers):
             await msg.ack()
             return
         if rmsg is not None and rmsg.key in _TIMEOUT_KEYS:
-            await self._on_timeout(record, rmsg.key)
+            await self.life.timed_out(record, rmsg.key)
             await msg.ack()
             return
         if record.status is RunStatus.QUEUED and record.not_before > now_ms() and record.cancel is None:
@@ -461,16 +465,6 @@ class Worker(Triggers):
             await msg.ack()  # cancelled by an event already sent; the cancel message ends it
             return
         await self._advance(fn, msg, Holder(leased, rev, slots, owner), memos=None, rmsg=rmsg, before=record)
-
-    async def _on_timeout(self, record: RunRecord, key: str) -> None:
-        fn = self.functions[record.function]
-        if key == "timeout" and fn.finish_timeout_ms is not None:
-            reason = f"timed out: not finished within {_ms_text(fn.finish_timeout_ms)}"
-        elif key == "start-timeout" and record.status is RunStatus.QUEUED and fn.start_timeout_ms is not None:
-            reason = f"timed out: not started within {_ms_text(fn.start_timeout_ms)}"
-        else:
-            return  # started in time (start timeout), or a timeout the function no longer has
-        await request_cancel(self.store, self.bus, record.id, reason)
 
     def _leased(self, record: RunRecord, now: int) -> RunRecord:
         """``record`` running under this worker's lease, to be written by compare-and-set."""
@@ -765,10 +759,6 @@ class Worker(Triggers):
                             final.app, final.fn, nudge, msg_id=f"{final.id}:cancel:{holder.rev}"
                         )
         raise NatsError(f"run {final.id}: could not write its record after 10 conflicting updates")
-
-
-def _ms_text(ms: int) -> str:
-    return format_duration(dt.timedelta(milliseconds=ms))
 
 
 def _slot_backoff(msg: Any) -> float:
