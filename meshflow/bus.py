@@ -52,9 +52,11 @@ from .names import (
 from .requests import (
     API_ERRORS,
     NATS_ERRORS,
+    RETRY_FOR,
     ApiError,
     PubAck,
     Requester,
+    retry_pauses,
 )
 
 #: How long an un-consumed "advance run" message is kept. Runs whose workers are all gone for
@@ -66,7 +68,7 @@ DUPLICATE_WINDOW = dt.timedelta(minutes=2)
 #: (and renew their run lease) well within it while a long step runs.
 ACK_WAIT = 30.0
 MAX_ACK_PENDING = 10_000
-PUBLISH_DEADLINE = 30.0
+PUBLISH_DEADLINE = RETRY_FOR
 #: How long a process waits at start for a NATS server that is not up yet.
 CONNECT_WAIT = 30.0
 PUBLISH_ATTEMPT_TIMEOUT = 3.0
@@ -94,25 +96,22 @@ def decode_run_message(raw: bytes) -> RunMessage:
 
 
 T = TypeVar("T")
-_PROVISION_FOR = 30.0  # seconds a JetStream API call is retried through an election
 
 
 async def through_elections(call: Callable[[], Awaitable[T]], what: str) -> T:
     """``call()`` a JetStream API request, retried for up to 30 s while the stream (or the
     cluster's meta layer) has no leader: right after a stream is created by another process,
     during a failover. Those answer 503 or not at all; any other error is raised at once."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _PROVISION_FOR
-    pause = 0.1
+    pauses = retry_pauses()
     while True:
         try:
             return await call()
         except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
-            if loop.time() + pause >= deadline:
+            pause = next(pauses)
+            if pause is None:
                 raise
             log.info("JetStream has no leader to answer yet; retrying", request=what, error=repr(exc))
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 2.0)
 
 
 def _inbox_denied(exc: BaseException, prefix: str) -> bool:
@@ -473,9 +472,7 @@ class Bus:
     async def _publish_window(self, items: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> list[Any]:
         results: list[Any] = [None] * len(items)
         todo = list(range(len(items)))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + PUBLISH_DEADLINE
-        pause = 0.05
+        pauses = retry_pauses(PUBLISH_DEADLINE)
         while todo:
             try:
                 replies = await self.requests.publish_batch([items[i] for i in todo], PUBLISH_ATTEMPT_TIMEOUT)
@@ -489,11 +486,13 @@ class Bus:
                     failed.append(i)
                 else:
                     results[i] = reply
-            if failed and loop.time() + pause > deadline:
-                raise NatsError(f"{len(failed)} of {len(items)} publishes failed for {PUBLISH_DEADLINE:.0f}s")
             if failed:  # idempotent: the same messages again (message ids deduplicate)
+                pause = next(pauses)
+                if pause is None:
+                    raise NatsError(
+                        f"{len(failed)} of {len(items)} publishes failed for {PUBLISH_DEADLINE:.0f}s"
+                    )
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 1.0)
             todo = failed
         return results
 

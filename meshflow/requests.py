@@ -8,7 +8,8 @@ for KV reads and writes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -16,6 +17,25 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from .names import HDR_KV_OPERATION, direct_get_subject
+
+#: How long a request is retried through a leader election (5-7 s when a node dies) or lost
+#: replies before giving up.
+RETRY_FOR = 30.0
+
+
+def retry_pauses(within: float = RETRY_FOR) -> Iterator[float | None]:
+    """The pauses between attempts of a request that may be retried: 50 ms doubling to 1 s,
+    until ``within`` seconds have passed since this was called; then None (give up)."""
+    return _pauses(time.monotonic() + within)
+
+
+def _pauses(deadline: float) -> Iterator[float | None]:
+    pause = 0.05
+    while time.monotonic() + pause < deadline:
+        yield pause
+        pause = min(pause * 2, 1.0)
+    yield None
+
 
 NATS_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, asyncio.TimeoutError, OSError)
 

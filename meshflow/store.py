@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import msgspec
@@ -35,7 +34,7 @@ from .names import (
     kv_stream,
     kv_subject,
 )
-from .requests import NATS_ERRORS, ApiError, Requester
+from .requests import NATS_ERRORS, ApiError, Requester, retry_pauses
 from .runs import RunRecord, StepMemo, decode_memo, decode_run, encode_record
 
 _BATCH = 1024  # the most subjects one multi_last direct get may match
@@ -52,20 +51,6 @@ class _WrongRevision(Exception):
 _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error codes
 _TIMEOUT = 10.0
 _ATTEMPT_TIMEOUT = 3.0
-#: How long a KV read or write keeps retrying through a leader election (NATS-NOTES: 5-7 s).
-_RETRY_FOR = 30.0
-
-
-def _retries() -> Iterator[float | None]:
-    """Pauses between attempts (50 ms doubling to 1 s) until ``_RETRY_FOR`` seconds have passed
-    since the first; then None (give up)."""
-    deadline = time.monotonic() + _RETRY_FOR
-    pause = 0.05
-    while time.monotonic() + pause < deadline:
-        yield pause
-        pause = min(pause * 2, 1.0)
-    yield None
-
 
 _KEY = re.compile(r"[-/_=.a-zA-Z0-9]{1,256}")  # what a KV key may hold
 _READ_ERRORS: tuple[type[BaseException], ...] = (ApiError, *NATS_ERRORS)
@@ -196,7 +181,7 @@ class Store:
     # --- raw KV over the fast request path ---------------------------------------------------
     async def _get(self, bucket: str, key: str, what: str) -> tuple[bytes, int, str] | None:
         stream, subject = kv_stream(bucket), kv_subject(bucket, key)
-        for pause in _retries():
+        for pause in retry_pauses():
             try:
                 return await self.requests.direct_get(stream, subject, _ATTEMPT_TIMEOUT)
             except _READ_ERRORS as exc:
@@ -216,7 +201,7 @@ class Store:
         # lost with the node that stored it: retry the same conditional write for a while. If an
         # earlier attempt was stored, the retry finds the revision moved (`_WrongRevision`), and
         # the caller reads what is stored, as for any conflict.
-        for pause in _retries():
+        for pause in retry_pauses():
             try:
                 ack = await self.requests.publish(kv_subject(bucket, key), value, headers, _ATTEMPT_TIMEOUT)
                 return ack.seq
