@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import functools
 import ssl
 import urllib.request
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -98,14 +97,15 @@ def decode_run_message(raw: bytes) -> RunMessage:
 T = TypeVar("T")
 
 
-async def through_elections(call: Callable[[], Awaitable[T]], what: str) -> T:
-    """``call()`` a JetStream API request, retried for up to 30 s while the stream (or the
-    cluster's meta layer) has no leader: right after a stream is created by another process,
-    during a failover. Those answer 503 or not at all; any other error is raised at once."""
+async def through_elections(what: str, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``call(*args)``, a JetStream API request (``what`` names it in the log), retried for up to
+    30 s while the stream (or the cluster's meta layer) has no leader: right after a stream is
+    created by another process, during a failover. Those answer 503 or not at all; any other
+    error is raised at once."""
     pauses = retry_pauses()
     while True:
         try:
-            return await call()
+            return await call(*args)
         except (TimeoutError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
             pause = next(pauses)
             if pause is None:
@@ -310,24 +310,24 @@ class Bus:
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         assert config.name is not None
+        name = config.name
         try:
-            name = config.name
-            info = await through_elections(lambda: self.js_quick.stream_info(name), f"stream info {name}")
+            info = await through_elections(f"stream info {name}", self.js_quick.stream_info, name)
             if config.allow_direct and not info.config.allow_direct:  # made by an older meshflow
                 info.config.allow_direct = True
-                await through_elections(lambda: self.js.update_stream(info.config), f"update {name}")
+                await through_elections(f"update {name}", self.js.update_stream, info.config)
             return
         except nats.js.errors.NotFoundError:
             pass
         except NATS_ERRORS as exc:
-            raise NatsError(f"cannot read stream {config.name}: {exc!r}") from exc
+            raise NatsError(f"cannot read stream {name}: {exc!r}") from exc
         try:
-            await through_elections(lambda: self.js.add_stream(config), f"create {config.name}")
+            await through_elections(f"create {name}", self.js.add_stream, config)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != 10058:  # 10058: created concurrently by another process
-                raise NatsError(f"cannot create stream {config.name}: {exc.description}") from exc
+                raise NatsError(f"cannot create stream {name}: {exc.description}") from exc
         except NATS_ERRORS as exc:
-            raise NatsError(f"cannot create stream {config.name}: {exc!r}") from exc
+            raise NatsError(f"cannot create stream {name}: {exc!r}") from exc
 
     async def fit_replicas(self, streams: Sequence[str], replicas: int, *, scale: bool) -> None:
         """Bring existing streams to ``replicas`` when ``scale`` (the count was asked for
@@ -335,17 +335,13 @@ class Bus:
         (say, created on one node before it joined a cluster)."""
         for stream in streams:
             try:
-                info = await through_elections(
-                    functools.partial(self.js_quick.stream_info, stream), f"stream info {stream}"
-                )
+                info = await through_elections(f"stream info {stream}", self.js_quick.stream_info, stream)
                 have = info.config.num_replicas or 1
                 if have == replicas:
                     continue
                 if scale:
                     info.config.num_replicas = replicas
-                    await through_elections(
-                        functools.partial(self.js.update_stream, info.config), f"replicas of {stream}"
-                    )
+                    await through_elections(f"replicas of {stream}", self.js.update_stream, info.config)
                     log.info("stream replicas changed", stream=stream, before=have, after=replicas)
                 elif have < replicas:
                     log.warning(
@@ -378,9 +374,7 @@ class Bus:
         configs.append((n.runs_stream, runs))
         for stream, config in configs:
             try:
-                await through_elections(
-                    functools.partial(self.js.add_consumer, stream, config), f"consumer {config.name}"
-                )
+                await through_elections(f"consumer {config.name}", self.js.add_consumer, stream, config)
             except NATS_ERRORS as exc:
                 raise NatsError(f"cannot create consumer {config.name} on {stream}: {exc!r}") from exc
 
@@ -411,9 +405,7 @@ class Bus:
             filter_subject=n.event_subject(event_name),
         )
         try:
-            await through_elections(
-                lambda: self.js.add_consumer(n.events_stream, config), f"consumer {config.name}"
-            )
+            await through_elections(f"consumer {config.name}", self.js.add_consumer, n.events_stream, config)
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot create consumer {config.name} on {n.events_stream}: {exc!r}") from exc
 

@@ -161,7 +161,7 @@ class Store:
 
     async def _bucket(self, name: str, create: bool, replicas: int) -> Any:
         try:
-            return await through_elections(lambda: self._js_quick.key_value(name), f"bucket {name}")
+            return await through_elections(f"bucket {name}", self._js_quick.key_value, name)
         except nats.js.errors.BucketNotFoundError:
             if not create:
                 raise NatsError(f"bucket {name} does not exist: start a worker first") from None
@@ -171,10 +171,10 @@ class Store:
             config = KeyValueConfig(
                 bucket=name, history=1, storage=StorageType.FILE, replicas=replicas, direct=True
             )
-            return await through_elections(lambda: self.js.create_key_value(config), f"create bucket {name}")
+            return await through_elections(f"create bucket {name}", self.js.create_key_value, config)
         except NATS_ERRORS as exc:
             try:  # another process may have created it at the same moment
-                return await through_elections(lambda: self._js_quick.key_value(name), f"bucket {name}")
+                return await through_elections(f"bucket {name}", self._js_quick.key_value, name)
             except NATS_ERRORS:
                 raise NatsError(f"cannot create bucket {name}: {exc!r}") from exc
 
