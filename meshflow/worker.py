@@ -40,7 +40,7 @@ from .durations import epoch_ms, now_ms
 from .errors import MeshflowError, NatsError
 from .events import Event, encode_event
 from .flow.slots import Slot, Slots, StepSlots
-from .flow.starts import Admission, Starts
+from .flow.starts import Starts
 from .flow.windows import Windows
 from .functions import App, Function
 from .ids import new_ulid
@@ -68,7 +68,6 @@ _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
 _TIMEOUT_KEYS = frozenset({"timeout", "start-timeout"})
 _DISCOVER_EVERY = 5.0
-_NOW = Admission()
 _ANNOUNCE_EVERY = 10.0
 _ANNOUNCE_TTL_S = 30
 
