@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import msgspec
 import structlog
@@ -34,6 +35,7 @@ MAX_PRIORITY_S = 600
 _decoder = msgspec.json.Decoder(concurrency.State)
 
 Slot = tuple[str, int]  # (flow key, limit)
+T = TypeVar("T")
 
 
 class Slots:
@@ -77,71 +79,85 @@ class Slots:
         loses the run's lease releases only its own.
         """
         owner = f"{record.id}.{secrets.token_hex(4)}"
-        priority = self.priority_ms(fn, record)
-        held: list[Slot] = []
-        for key, limit in self.keys(fn, record):
-            if not await self._acquire(key, limit, owner, record.id, priority):
-                await self.release(held, owner)
-                return None
-            held.append((key, limit))
-        return held, owner
+        held = await self._take(fn, record, owner, queue=True)
+        return None if held is None else (held, owner)
 
     async def try_extra(self, fn: Function, record: RunRecord, owner: str) -> list[Slot] | None:
         """An extra slot under every constraint, for a step executing beside another in a pass;
         None (holding nothing, queued nowhere) unless each is free and no run waits for it."""
+        return await self._take(fn, record, owner, queue=False)
+
+    async def _take(self, fn: Function, record: RunRecord, owner: str, *, queue: bool) -> list[Slot] | None:
+        """A slot under every constraint for ``owner``, or None, holding none, if one is full."""
         priority = self.priority_ms(fn, record)
         held: list[Slot] = []
         for key, limit in self.keys(fn, record):
-            if not await self._acquire(key, limit, owner, record.id, priority, queue=False):
+
+            def take(state: concurrency.State | None, limit: int = limit) -> tuple[concurrency.State, bool]:
+                taken, new = concurrency.acquire(
+                    state or concurrency.State(),
+                    owner,
+                    record.id,
+                    now_ms(),
+                    limit=limit,
+                    lease_ms=self.lease_ms,
+                    priority_ms=priority,
+                    queue=queue,
+                )
+                return new, taken
+
+            if not await self._update(key, take, must=True):
                 await self.release(held, owner)
                 return None
             held.append((key, limit))
         return held
 
-    async def _acquire(
-        self, key: str, limit: int, owner: str, run_id: str, priority: int, *, queue: bool = True
-    ) -> bool:
-        for _ in range(_ATTEMPTS):
-            got = await self.store.get_flow(key)
-            state = _decoder.decode(got[0]) if got and got[0] else concurrency.State()
-            taken, new = concurrency.acquire(
-                state,
-                owner,
-                run_id,
-                now_ms(),
-                limit=limit,
-                lease_ms=self.lease_ms,
-                priority_ms=priority,
-                queue=queue,
-            )
-            if await self.store.put_flow(key, msgspec.json.encode(new), got[1] if got else 0, self._ttl()):
-                return taken
-        raise NatsError(f"concurrency state {key} kept changing")
-
     async def renew(self, slots: list[Slot], owner: str) -> None:
+        def extend(state: concurrency.State | None) -> tuple[concurrency.State | None, None]:
+            if state is None:
+                return None, None
+            state.holders[owner] = now_ms() + self.lease_ms
+            return state, None
+
         for key, _ in slots:
-            for _ in range(_ATTEMPTS):
-                got = await self.store.get_flow(key)
-                if not got or not got[0]:
-                    break
-                state = _decoder.decode(got[0])
-                state.holders[owner] = now_ms() + self.lease_ms
-                if await self.store.put_flow(key, msgspec.json.encode(state), got[1], self._ttl()):
-                    break
+            await self._update(key, extend, must=False)
 
     async def release(self, slots: list[Slot], owner: str) -> None:
         """Free the pass's slots, and wake the waiting run each goes to."""
         for key, limit in slots:
-            wake = None
-            for _ in range(_ATTEMPTS):
-                got = await self.store.get_flow(key)
-                if not got or not got[0]:
-                    break
-                state, wake = concurrency.release(_decoder.decode(got[0]), owner, now_ms(), limit=limit)
-                if await self.store.put_flow(key, msgspec.json.encode(state), got[1], self._ttl()):
-                    break
+
+            def free(
+                state: concurrency.State | None, limit: int = limit
+            ) -> tuple[concurrency.State | None, str | None]:
+                if state is None:
+                    return None, None
+                return concurrency.release(state, owner, now_ms(), limit=limit)
+
+            wake = await self._update(key, free, must=False)
             if wake is not None:
                 await self._wake(wake)
+
+    async def _update(
+        self,
+        key: str,
+        change: Callable[[concurrency.State | None], tuple[concurrency.State | None, T]],
+        *,
+        must: bool,
+    ) -> T | None:
+        """Apply ``change`` to a key's state (None: there is none) by compare-and-set, again on a
+        conflict; its result. ``change`` returning no state writes nothing. After too many
+        conflicts: `NatsError` if ``must``, else None (a renewal or release the lease covers)."""
+        for _ in range(_ATTEMPTS):
+            got = await self.store.get_flow(key)
+            state = _decoder.decode(got[0]) if got and got[0] else None
+            new, result = change(state)
+            if new is None:
+                return result
+            if await self.store.put_flow(key, msgspec.json.encode(new), got[1] if got else 0, self._ttl()):
+                return result
+        if must:
+            raise NatsError(f"concurrency state {key} kept changing")
+        return None
 
     async def _wake(self, run_id: str) -> None:
         found = await self.store.get_run(run_id)
