@@ -215,8 +215,8 @@ async def _body(function: Function, ctx: Context) -> Any:
 
 def _one_at_a_time() -> Callable[[], contextlib.AbstractAsyncContextManager[Any]]:
     """A step slot for a pass with no other: its steps execute one at a time."""
-    semaphore = asyncio.Semaphore(1)
-    return lambda: semaphore
+    one = asyncio.Lock()
+    return lambda: one
 
 
 class _Pass:

@@ -186,22 +186,21 @@ class StepSlots:
         self._fn = fn
         self._record = record
         self._owner = owner
-        self._own_free = asyncio.Condition()
-        self._own_busy = False
+        self._own = asyncio.Lock()  # the pass's own slot: one step at a time holds it
         self._extras: dict[str, list[Slot]] = {}  # extra holder -> its slots
         self._count = 0
 
     @contextlib.asynccontextmanager
     async def executing(self) -> AsyncIterator[None]:
-        if not self._own_busy:
-            async with self._own():
+        if not self._own.locked():
+            async with self._own:
                 yield
             return
         self._count += 1
         extra_owner = f"{self._owner}.x{self._count}"
         extra = await self._slots.try_extra(self._fn, self._record, extra_owner)
         if extra is None:
-            async with self._own():
+            async with self._own:
                 yield
             return
         self._extras[extra_owner] = extra
@@ -210,18 +209,6 @@ class StepSlots:
         finally:
             del self._extras[extra_owner]
             await self._slots.release(extra, extra_owner)
-
-    @contextlib.asynccontextmanager
-    async def _own(self) -> AsyncIterator[None]:
-        async with self._own_free:
-            await self._own_free.wait_for(lambda: not self._own_busy)
-            self._own_busy = True
-        try:
-            yield
-        finally:
-            async with self._own_free:
-                self._own_busy = False
-                self._own_free.notify()
 
     async def renew(self) -> None:
         """Extend the leases of the extra slots held now (the pass's own renews with the pass)."""
