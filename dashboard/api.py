@@ -46,8 +46,6 @@ async def cancel_run(request: Request) -> Response:
         )
     except meshflow.RunNotFoundError:
         return error("no such run", 404)
-    except meshflow.NatsError as exc:
-        return error(str(exc), 503)
     audit(request, "cancel", run_id=run_id, asked=asked)
     return ok({"cancelling": asked})
 
@@ -58,8 +56,6 @@ async def replay_run(request: Request) -> Response:
         new_id = await client_of(request).replay(run_id)
     except meshflow.RunNotFoundError:
         return error("no such run", 404)
-    except meshflow.NatsError as exc:
-        return error(str(exc), 503)
     audit(request, "replay", run_id=run_id, new_run_id=new_id)
     return ok({"run_id": new_id}, 201)
 

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -63,6 +65,7 @@ def create_app(
             Route("/metrics", metrics.endpoint),
         ],
         lifespan=lifespan,
+        exception_handlers={meshflow.NatsError: unavailable},
     )
     app.state.templates = templates()
     app.state.metrics = metrics.Metrics()
@@ -70,3 +73,11 @@ def create_app(
     if client is not None:
         app.state.client = client
     return Guard(app, auth or Auth())
+
+
+async def unavailable(request: Request, exc: Exception) -> Response:
+    """NATS could not do what was asked (no worker to carry out a cancel, a server down): 503,
+    saying why, as JSON under /api/ and as a page elsewhere."""
+    if request.url.path.startswith("/api/"):
+        return api.error(str(exc), 503)
+    return views.problem(request, str(exc), 503)

@@ -134,8 +134,6 @@ async def cancel_run(request: Request) -> Response:
         )
     except meshflow.RunNotFoundError:
         return problem(request, f"no run {run_id}", 404)
-    except meshflow.NatsError as exc:
-        return problem(request, str(exc), 503)
     audit(request, "cancel", run_id=run_id, asked=asked)
     return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
@@ -146,8 +144,6 @@ async def replay_run(request: Request) -> Response:
         new_id = await client_of(request).replay(run_id)
     except meshflow.RunNotFoundError:
         return problem(request, f"no run {run_id}", 404)
-    except meshflow.NatsError as exc:
-        return problem(request, str(exc), 503)
     audit(request, "replay", run_id=run_id, new_run_id=new_id)
     return RedirectResponse(f"/runs/{new_id}", status_code=303)
 
@@ -167,13 +163,10 @@ async def bulk(request: Request) -> Response:
     except BadRequest as exc:
         return problem(request, str(exc))
     client = client_of(request)
-    try:
-        if action == "cancel":
-            done = await client.cancel_runs(function, since=since, until=until)
-        else:
-            done = await _replay_failed(client, function, since, until)
-    except meshflow.NatsError as exc:
-        return problem(request, str(exc), 503)
+    if action == "cancel":
+        done = await client.cancel_runs(function, since=since, until=until)
+    else:
+        done = await _replay_failed(client, function, since, until)
     audit(
         request,
         f"bulk {action}",

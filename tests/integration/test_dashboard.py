@@ -147,6 +147,28 @@ async def test_a_post_without_the_csrf_token_is_refused_and_with_it_cancels_and_
         await client.cancel(again.id)
 
 
+async def test_with_no_worker_to_cancel_or_replay_the_dashboard_says_so_with_a_503(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client
+) -> None:
+    app, _, nap = demo_app()
+    event = meshflow.Event(name="demo/nap")
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        await client.send(event)
+        await client.wait_for_run(nap.run_id_for(event), until=meshflow.RunStatus.SLEEPING)
+    run_id = nap.run_id_for(event)  # sleeping; its worker has stopped
+    async with meshflow.connect(nats_server.url, namespace=namespace, read_only=True) as viewer:
+        transport = httpx.ASGITransport(app=create_app(client=viewer))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as web:
+            token = csrf_of(await web.get(f"/runs/{run_id}"))
+            page = await web.post(f"/runs/{run_id}/cancel", data={"csrf_token": token})
+            assert page.status_code == 503
+            assert "no worker is running" in page.text
+            api = await web.post(f"/api/runs/{run_id}/replay", headers={"x-csrf-token": token})
+            assert api.status_code == 503
+            assert "no worker is running" in api.json()["error"]
+    assert (await client.get_run(run_id)).status is meshflow.RunStatus.SLEEPING
+
+
 async def test_sending_an_event_from_the_form_validates_it(
     nats_server: EmbeddedServer, namespace: str, client: meshflow.Client, web: httpx.AsyncClient
 ) -> None:
