@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 from prometheus_client import (
@@ -39,6 +41,7 @@ log = structlog.get_logger("meshflow.dashboard")
 
 _RECENT = 2000
 FINISHED = "meshflow/function.finished"
+T = TypeVar("T")
 
 
 class Metrics:
@@ -76,9 +79,17 @@ class Metrics:
         self.following = asyncio.Event()  # set once runs starting and finishing from now on count
 
     def start(self, client: meshflow.Client) -> None:
+        async def count_start(function: str) -> None:
+            self.started.labels(function).inc()
+
+        async def count_end(event: meshflow.Event) -> None:
+            await self._count(client, event)
+
         self._tasks = [
-            asyncio.create_task(self._follow(client)),
-            asyncio.create_task(self._follow_starts(client)),
+            asyncio.create_task(
+                self._follow("finished runs", lambda: client.follow_events(FINISHED), count_end)
+            ),
+            asyncio.create_task(self._follow("run starts", client.follow_starts, count_start)),
         ]
 
     async def stop(self) -> None:
@@ -88,31 +99,23 @@ class Metrics:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _now_following(self, what: str) -> None:
-        self._followed.add(what)
-        if self._followed == {"finished", "started"}:
-            self.following.set()
-
-    async def _follow(self, client: meshflow.Client) -> None:
+    async def _follow(
+        self,
+        what: str,
+        subscribe: Callable[[], Awaitable[AsyncIterator[T]]],
+        count: Callable[[T], Awaitable[None]],
+    ) -> None:
+        """Count what ``subscribe`` yields, subscribing again after a failure."""
         while True:
             try:
-                events = await client.follow_events(FINISHED)
-                self._now_following("finished")
-                async for event in events:
-                    await self._count(client, event)
+                items = await subscribe()
+                self._followed.add(what)
+                if len(self._followed) == len(self._tasks):
+                    self.following.set()
+                async for item in items:
+                    await count(item)
             except meshflow.MeshflowError as exc:
-                log.warning("metrics: following finished runs failed; retrying", error=str(exc))
-                await asyncio.sleep(1)
-
-    async def _follow_starts(self, client: meshflow.Client) -> None:
-        while True:
-            try:
-                starts = await client.follow_starts()
-                self._now_following("started")
-                async for function in starts:
-                    self.started.labels(function).inc()
-            except meshflow.MeshflowError as exc:
-                log.warning("metrics: following run starts failed; retrying", error=str(exc))
+                log.warning(f"metrics: following {what} failed; retrying", error=str(exc))
                 await asyncio.sleep(1)
 
     async def _count(self, client: meshflow.Client, event: meshflow.Event) -> None:
