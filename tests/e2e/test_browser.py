@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,7 @@ from examples.approval import approve_expense
 from examples.signup import process_signup
 from meshflow.testing import wait_until
 
-from .test_cli import ROOT, free_port
+from .devstack import ROOT, DevStack
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (.ci/run installs it); never a Playwright download
 SCREENSHOTS = ROOT / "docs" / "img"
@@ -41,27 +38,9 @@ class Stack:
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     """``meshflow dev`` (nats-server, a worker for the examples, the dashboard) as users start it."""
-    tmp = tmp_path_factory.mktemp("dev")
-    port, web = free_port(), free_port()
-    log = tmp / "dev.log"
-    with log.open("w") as out:
-        dev = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "meshflow", "dev", "--port", str(port), "--dashboard-port", str(web)),
-                *("--data", str(tmp / "data")),
-            ],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-    try:
-        await wait_until(lambda: "worker started" in log.read_text(), timeout=30, message="dev stack is up")
-        yield Stack(nats=f"nats://127.0.0.1:{port}", web=f"http://127.0.0.1:{web}")
-    finally:
-        dev.send_signal(signal.SIGINT)
-        code = dev.wait(30)
-    assert code == 0, log.read_text()[-3000:]
+    async with DevStack(tmp_path_factory.mktemp("dev")) as dev:
+        yield Stack(nats=dev.nats, web=dev.web)
+    assert dev.code == 0, dev.log()[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +12,7 @@ import pytest
 
 from meshflow.testing import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .devstack import ROOT, DevStack
 
 
 def meshflow(*args: str) -> subprocess.CompletedProcess[str]:
@@ -37,31 +28,15 @@ def meshflow(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 async def test_dev_serves_the_examples_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    port, web = free_port(), free_port()
-    url = f"nats://127.0.0.1:{port}"
-    log = tmp_path / "dev.log"
-    with log.open("w") as out:
-        dev = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "meshflow", "dev", "--port", str(port), "--dashboard-port", str(web)),
-                *("--data", str(tmp_path / "data")),
-            ],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-    try:
-        await wait_until(lambda: "worker started" in log.read_text(), timeout=30, message="dev stack is up")
-        assert f"nats-server  {url}" in log.read_text()
-        assert f"dashboard    http://127.0.0.1:{web}" in log.read_text()
+    async with DevStack(tmp_path) as dev:
+        url, web = dev.nats, dev.web_port
+        assert f"nats-server  {url}" in dev.log()
+        assert f"dashboard    http://127.0.0.1:{web}" in dev.log()
 
         sent = meshflow("send", "user/signup", "--data", '{"email": "ada@example.com"}', "--nats", url)
         assert sent.returncode == 0, sent.stderr
         event_id = sent.stdout.strip()
-        await wait_until(
-            lambda: "shop-audit-user-events" in log.read_text() and "run completed" in log.read_text()
-        )
+        await wait_until(lambda: "shop-audit-user-events" in dev.log() and "run completed" in dev.log())
 
         bad = meshflow("send", "user signup", "--nats", url)
         assert bad.returncode == 1
@@ -93,8 +68,5 @@ async def test_dev_serves_the_examples_and_stops_cleanly_on_ctrl_c(tmp_path: Pat
         unknown = meshflow("cancel", "01NOSUCHRUN0000000000000000", "--nats", url)
         assert unknown.returncode == 1
         assert "does not exist" in unknown.stderr
-    finally:
-        dev.send_signal(signal.SIGINT)
-        code = dev.wait(30)
-    assert code == 0, log.read_text()[-3000:]
-    assert "meshflow dev stopped" in log.read_text()
+    assert dev.code == 0, dev.log()[-3000:]
+    assert "meshflow dev stopped" in dev.log()
