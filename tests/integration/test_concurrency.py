@@ -12,7 +12,7 @@ from meshflow.server import EmbeddedServer
 from meshflow.testing import wait_until
 
 from .apps import limited
-from .test_crash import WorkerProcess, workers  # noqa: F401 - the fixture is used by name
+from .test_crash import WorkerProcess, registered, workers  # noqa: F401 - the fixture is used by name
 
 
 def overlaps(ledger: Path) -> tuple[dict[str, int], dict[str, int]]:
@@ -50,10 +50,7 @@ async def test_three_workers_never_run_more_than_three_steps_of_a_key_at_once(
     for _ in range(3):
         workers.append(WorkerProcess(nats_server.url, namespace, ledger, gate))
 
-    async def registered() -> bool:
-        return any(f.full_id == limited.full_id for f in await client.functions())
-
-    await wait_until(registered, timeout=30)
+    await registered(client, limited)
     events = [meshflow.Event(name="limited/go", data={"key": "ab"[i % 2]}) for i in range(50)]
     await client.send(events)
     runs = [await client.wait_for_run(limited.run_id_for(e), timeout=90, steps=False) for e in events]
@@ -75,10 +72,7 @@ async def test_a_killed_workers_slots_free_within_its_lease(
     first = WorkerProcess(nats_server.url, namespace, ledger, gate)
     workers.append(first)
 
-    async def registered() -> bool:
-        return any(f.full_id == limited.full_id for f in await client.functions())
-
-    await wait_until(registered, timeout=30)
+    await registered(client, limited)
     blocked = [meshflow.Event(name="limited/go", data={"key": "k", "block": True}) for _ in range(3)]
     await client.send(blocked)
 

@@ -65,6 +65,15 @@ def workers(nats_server: EmbeddedServer, namespace: str, tmp_path: Path) -> Iter
         w.stop()
 
 
+async def registered(client: meshflow.Client, fn: meshflow.Function) -> None:
+    """Wait until a worker process has registered ``fn`` (so its consumers exist)."""
+
+    async def listed() -> bool:
+        return any(f.full_id == fn.full_id for f in await client.functions())
+
+    await wait_until(listed, timeout=30, message=f"a worker registered {fn.full_id}")
+
+
 def ledger_counts(path: Path) -> Counter[tuple[str, str]]:
     if not path.exists():
         return Counter()
@@ -74,10 +83,7 @@ def ledger_counts(path: Path) -> Counter[tuple[str, str]]:
 async def start_runs_inside_a_blocking_step(client: meshflow.Client, ledger: Path, count: int) -> list[str]:
     """Once a worker serves ``crashy``: send ``count`` events; return when every run is blocked."""
 
-    async def registered() -> bool:
-        return any(f.full_id == crashy.full_id for f in await client._store.list_functions())
-
-    await wait_until(registered, timeout=30, message="the worker registered its functions")
+    await registered(client, crashy)
     events = [meshflow.Event(name="crash/go", data={"i": i}) for i in range(count)]
     await client.send(events)
     run_ids = [crashy.run_id_for(e) for e in events]
