@@ -439,7 +439,8 @@ class connect:
         namespace: the deployment's namespace (default ``mf``).
         auth: credentials and TLS for NATS (`NatsAuth`).
         replicas: replicas of the streams and buckets; existing ones are changed to this count.
-            Default: 3 on a cluster of three or more servers, else 1, for those it creates.
+            Default: 3 on a cluster of three or more servers, else 1, for those it creates
+            (a worker warns about existing ones with fewer; a client does not look).
         provision: create missing streams and buckets. ``False`` for identities that may only
             send events (a publisher): the client then touches nothing but the events it sends.
         read_only: the client writes no run state itself: `Client.cancel` and `Client.replay`

@@ -147,13 +147,17 @@ class Store:
         self._flow = await self._bucket(n.flow_bucket, create, replicas)
         return self
 
-    async def provision(self, bus: Bus, replicas: int | None) -> None:
+    async def provision(self, bus: Bus, replicas: int | None, *, audit: bool = False) -> None:
         """Create what is missing of the streams and buckets (idempotent, safe to race with
         other processes). Existing ones are brought to ``replicas`` when it is given; otherwise
-        new ones get the count that fits the deployment (`Bus.default_replicas`)."""
+        new ones get the count that fits the deployment (`Bus.default_replicas`), and with
+        ``audit`` (a worker's start) existing ones with fewer are warned about. A client that
+        asks for no count reads no more than it creates."""
         count = replicas or bus.default_replicas()
         await bus.ensure_streams(replicas=count)
         await self.open(replicas=count)
+        if replicas is None and not audit:
+            return
         n = self.names
         buckets = (n.runs_bucket, n.steps_bucket, n.registry_bucket, n.waits_bucket, n.flow_bucket)
         streams = [n.events_stream, n.runs_stream, *(kv_stream(b) for b in buckets)]

@@ -176,7 +176,7 @@ class Worker(Triggers):
         self.starts = Starts(self.store)
         self.windows = Windows(self.store, self.bus)
         self.slots = Slots(self.store, self.bus, self.lease_ms)
-        await self.store.provision(self.bus, self.replicas)
+        await self.store.provision(self.bus, self.replicas, audit=True)
         for fn in self.functions.values():
             await self.bus.ensure_consumers(fn, ack_wait=self.ack_wait)
             await self.store.put_function(

@@ -332,8 +332,8 @@ async def test_workers_provisioning_at_once_agree_and_replicas_change_only_when_
             pass  # asked for: existing streams and buckets change
         assert set((await replicas(js)).values()) == {1}
         with capture_logs() as logs:
-            async with meshflow.connect(cluster.urls, **options):
-                pass  # not asked for: left as they are, with a warning each
+            async with meshflow.Worker(app, nats=cluster.urls, **options):
+                pass  # not asked for: left as they are, with a warning each from a worker
         assert set((await replicas(js)).values()) == {1}
         warned = {
             e["stream"] for e in logs if e["event"] == "stream has fewer replicas than this deployment allows"
