@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import ssl
-import urllib.request
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from enum import StrEnum
 from typing import Any, TypeVar
 
 import msgspec
@@ -36,8 +35,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from .connection import NatsAuth
-from .durations import from_ms, rfc3339
+from .durations import epoch_ms, from_ms, rfc3339
 from .errors import EventError, NatsError
 from .functions import Function
 from .names import (
@@ -47,6 +45,7 @@ from .names import (
     HDR_SCHEDULE_TTL,
     HDR_TTL,
     Names,
+    stream_purge_subject,
 )
 from .requests import (
     API_ERRORS,
@@ -68,8 +67,6 @@ DUPLICATE_WINDOW = dt.timedelta(minutes=2)
 ACK_WAIT = 30.0
 MAX_ACK_PENDING = 10_000
 PUBLISH_DEADLINE = RETRY_FOR
-#: How long a process waits at start for a NATS server that is not up yet.
-CONNECT_WAIT = 30.0
 PUBLISH_ATTEMPT_TIMEOUT = 3.0
 #: ``publish_many`` keeps at most this many publishes in flight.
 PUBLISH_WINDOW = 1024
@@ -94,6 +91,162 @@ def decode_run_message(raw: bytes) -> RunMessage:
     return _run_msg_decoder.decode(raw)
 
 
+class Source(StrEnum):
+    """Where a delivery comes from."""
+
+    EVENT = "event"  # a function's trigger consumer on the events stream
+    RUN = "run"  # a function's run consumer on the runs stream
+    ROUTE = "route"  # a route consumer: events some run waits for
+    LOCAL = "local"  # a local timer of this worker: no message behind it
+
+
+class Delivery:
+    """One message handed to the worker, as the rest of meshflow sees it (never a nats-py object).
+
+    ``delivered`` counts deliveries of the message (1 the first time). Settling it: `ack` (done),
+    `nak` (again, after ``delay`` seconds), `in_progress` (not yet: restart the ack wait), `term`
+    (never again). A local delivery (``Source.LOCAL``, a worker's own timer) has no message: its
+    acks do nothing, and its `nak` hands the work to the stream instead (``fallback``).
+    """
+
+    __slots__ = ("_fallback", "_msg", "data", "delivered", "headers", "seq", "source", "stored_ms", "subject")
+
+    def __init__(
+        self,
+        source: Source,
+        subject: str,
+        data: bytes,
+        *,
+        headers: dict[str, str] | None = None,
+        delivered: int = 1,
+        seq: int = 0,
+        stored_ms: int = 0,
+        msg: Any = None,
+        fallback: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.source = source
+        self.subject = subject
+        self.data = data
+        self.headers = headers or {}
+        self.delivered = delivered
+        self.seq = seq  # the message's sequence in its stream (0: none)
+        self.stored_ms = stored_ms  # when the stream stored it, epoch ms (0: unknown)
+        self._msg = msg
+        self._fallback = fallback
+
+    @classmethod
+    def of(cls, msg: Any, source: Source) -> Delivery:
+        meta = msg.metadata
+        return cls(
+            source,
+            msg.subject,
+            msg.data,
+            headers=msg.headers,
+            delivered=int(meta.num_delivered),
+            seq=int(meta.sequence.stream),
+            stored_ms=epoch_ms(meta.timestamp),
+            msg=msg,
+        )
+
+    @classmethod
+    def local(cls, subject: str, fallback: Callable[[], Awaitable[None]]) -> Delivery:
+        """A delivery with no message behind it; `nak` calls ``fallback``."""
+        return cls(Source.LOCAL, subject, b"", fallback=fallback)
+
+    @property
+    def redelivered(self) -> bool:
+        """Delivered before: whoever had it may have died (or stalled) on the way."""
+        return self.delivered > 1
+
+    async def ack(self) -> None:
+        if self._msg is not None:
+            await self._settle("ack", self._msg.ack())
+
+    async def nak(self, delay: float | None = None) -> None:
+        if self._msg is not None:
+            await self._settle("nak", self._msg.nak(delay=delay))
+        elif self._fallback is not None:
+            await self._fallback()
+
+    async def abandon(self) -> None:
+        """Give the message back at once (the worker is stopping); a local delivery leaves its
+        work to the durable schedule behind it."""
+        if self._msg is not None:
+            await self._settle("nak", self._msg.nak())
+
+    async def in_progress(self) -> None:
+        if self._msg is not None:
+            await self._settle("in-progress ack", self._msg.in_progress())
+
+    async def term(self) -> None:
+        if self._msg is not None:
+            await self._settle("term", self._msg.term())
+
+    async def _settle(self, what: str, call: Awaitable[Any]) -> None:
+        try:
+            await call
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot {what} a message on {self.subject}: {exc!r}") from exc
+
+
+class ConsumerUnavailable(NatsError):
+    """A consumer had no leader to answer a fetch (just created, or an election): routine for a
+    few seconds. Never leaves the worker."""
+
+
+class Pull:
+    """A pull subscription bound to a durable consumer (`Bus.pull`)."""
+
+    def __init__(self, sub: Any, source: Source, consumer: str) -> None:
+        self._sub = sub
+        self.source = source
+        self.consumer = consumer
+
+    async def fetch(self, batch: int, timeout: float) -> list[Delivery]:  # noqa: ASYNC109 - a long poll's length
+        """Up to ``batch`` deliveries, waiting up to ``timeout`` seconds for the first; [] if none."""
+        try:
+            msgs = await self._sub.fetch(batch, timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        except nats.js.errors.ServiceUnavailableError as exc:
+            raise ConsumerUnavailable(f"consumer {self.consumer}: {exc!r}") from exc
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot fetch from consumer {self.consumer}: {exc!r}") from exc
+        return [Delivery.of(msg, self.source) for msg in msgs]
+
+
+class Notice:
+    """A core NATS message (a signal or a request; see `Bus.listen`)."""
+
+    __slots__ = ("_msg", "data", "subject")
+
+    def __init__(self, msg: Any) -> None:
+        self._msg = msg
+        self.subject: str = msg.subject
+        self.data: bytes = msg.data
+
+    @property
+    def wants_reply(self) -> bool:
+        return bool(self._msg.reply)
+
+    async def respond(self, data: bytes) -> None:
+        try:
+            await self._msg.respond(data)
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot answer a request on {self.subject}: {exc!r}") from exc
+
+
+class Listening:
+    """A core subscription (`Bus.listen`)."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    async def close(self) -> None:
+        with contextlib.suppress(*NATS_ERRORS):
+            await self._sub.unsubscribe()
+
+
 T = TypeVar("T")
 
 
@@ -112,148 +265,6 @@ async def through_elections(what: str, call: Callable[..., Awaitable[T]], *args:
                 raise
             log.info("JetStream has no leader to answer yet; retrying", request=what, error=repr(exc))
             await asyncio.sleep(pause)
-
-
-def _inbox_denied(exc: BaseException, prefix: str) -> bool:
-    text = str(exc).lower()
-    return "permissions violation for subscription" in text and f'"{prefix.lower()}.' in text
-
-
-def _refused(exc: BaseException) -> bool:
-    """The server turned us away (credentials, or a TLS handshake it or we rejected): retrying
-    will not help, unlike a server that is not up yet."""
-    if isinstance(exc, ssl.SSLError):
-        return True
-    text = str(exc).lower()
-    return "authori" in text or "authenticat" in text
-
-
-async def open_nats(
-    servers: str | Sequence[str],
-    *,
-    name: str = "meshflow",
-    auth: NatsAuth | None = None,
-    wait: float = CONNECT_WAIT,
-) -> NatsClient:
-    """Connect to NATS; once connected, reconnect forever when the server restarts.
-
-    A server that is not up yet is retried for ``wait`` seconds; refused credentials fail at once.
-    """
-    urls = [servers] if isinstance(servers, str) else list(servers)
-    options = (auth or NatsAuth()).options()
-    errors: list[BaseException] = []
-    connected = False
-
-    refusal = asyncio.Event()
-
-    async def on_error(exc: Exception) -> None:
-        if connected and _inbox_denied(exc, options.get("inbox_prefix", "_INBOX")):
-            log.error(
-                "this NATS user may not subscribe to its reply inbox, so no request gets an answer; "
-                "give the inbox prefix its permissions allow (--nats-inbox-prefix, "
-                "MESHFLOW_NATS_INBOX_PREFIX; deploy/nats/accounts.conf uses _INBOX_worker and "
-                "_INBOX_dashboard)",
-                error=str(exc),
-            )
-        elif connected:
-            log.warning("nats error", error=repr(exc))
-        else:
-            errors.append(exc)
-            if _refused(exc):
-                refusal.set()
-
-    async def attempt() -> NatsClient:
-        connecting = asyncio.ensure_future(
-            nats.connect(
-                servers=urls,
-                name=name,
-                max_reconnect_attempts=1,  # the initial attempts; forever once connected (below)
-                reconnect_time_wait=0.25,
-                connect_timeout=5,
-                allow_reconnect=True,
-                error_cb=on_error,
-                **options,
-            )
-        )
-        refused = asyncio.ensure_future(refusal.wait())
-        # nats-py 2.16 never returns from connect() when we reject the server's certificate
-        # (it reports the error, then hangs): a refusal reported to on_error ends the attempt.
-        await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
-        refused.cancel()
-        if connecting.done():
-            return connecting.result()
-        connecting.cancel()
-        with contextlib.suppress(asyncio.CancelledError, *NATS_ERRORS):
-            await connecting
-        raise nats.errors.NoServersError
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    while True:
-        try:
-            nc = await attempt()
-        except NATS_ERRORS as exc:
-            refused = next((e for e in errors if _refused(e)), None)
-            if refused is not None or loop.time() >= deadline:
-                # what the server said beats nats-py's summary ("NoServersError")
-                cause = refused or (errors[-1] if errors else exc)
-                raise NatsError(f"cannot connect to NATS at {', '.join(urls)}: {cause!r}") from cause
-            await asyncio.sleep(0.5)
-            continue
-        connected = True
-        nc.options["max_reconnect_attempts"] = -1
-        return nc
-
-
-async def syncs_every_write(nc: NatsClient, monitor: str | None = None) -> bool | None:
-    """Whether the server fsyncs every write (``jetstream { sync_interval: always }``): asked of
-    its monitoring endpoint (``monitor``, like ``http://host:8222``) or, failing that, of the system
-    account; None when neither answers."""
-    varz: dict[str, Any] | None = None
-    if monitor:
-        url = monitor.rstrip("/") + "/varz"
-        try:
-            raw = await asyncio.to_thread(_fetch, url)
-            varz = msgspec.json.decode(raw)
-        except (OSError, ValueError, msgspec.DecodeError) as exc:
-            log.warning("could not read the server's monitoring endpoint", url=url, error=repr(exc))
-    if varz is None:
-        try:
-            reply = await nc.request("$SYS.REQ.SERVER.PING.VARZ", b"", timeout=1)
-            varz = msgspec.json.decode(reply.data).get("data")
-        except _VARZ_ERRORS:
-            varz = None
-    if not isinstance(varz, dict):
-        return None
-    config = (varz.get("jetstream") or {}).get("config") or {}
-    return bool(config.get("sync_always", False))
-
-
-async def check_durability(nc: NatsClient, monitor: str | None = None) -> None:
-    """Warn, once, when the server can lose acknowledged writes on a crash (DESIGN §5)."""
-    syncs = await syncs_every_write(nc, monitor)
-    if syncs is False:
-        log.warning(
-            "the NATS server does not sync every write to disk: an OS crash or power loss can lose "
-            "acknowledged events and step results. Set `jetstream { sync_interval: always }` in its "
-            "config (docs/deploy.md)"
-        )
-    elif syncs is None:
-        log.info(
-            "could not tell whether the NATS server syncs every write (give --nats-monitor); "
-            "production servers should set `jetstream { sync_interval: always }`"
-        )
-
-
-_VARZ_ERRORS: tuple[type[BaseException], ...] = (*NATS_ERRORS, msgspec.DecodeError, AttributeError)
-
-
-def _fetch(url: str) -> bytes:
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"not an http(s) URL: {url}")
-    with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310 - scheme checked above
-        data: bytes = response.read()
-        return data
 
 
 class Bus:
@@ -278,6 +289,17 @@ class Bus:
     @property
     def max_payload(self) -> int:
         return int(self.nc.max_payload)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def close(self) -> None:
+        """Flush what is buffered (for up to 5 s) and close the connection."""
+        with contextlib.suppress(*NATS_ERRORS):
+            await self.nc.flush(timeout=5)
+        with contextlib.suppress(*NATS_ERRORS):
+            await self.nc.close()
 
     async def ensure_streams(self, *, replicas: int = 1) -> None:
         """Create the events and runs streams if missing (idempotent, safe to race)."""
@@ -409,12 +431,29 @@ class Bus:
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot create consumer {config.name} on {n.events_stream}: {exc!r}") from exc
 
-    async def pull(self, stream: str, consumer: str) -> Any:
-        """A pull subscription bound to an existing durable consumer."""
+    async def pull(self, stream: str, consumer: str, source: Source) -> Pull:
+        """A pull subscription bound to an existing durable consumer; its messages are
+        deliveries from ``source``."""
         try:
-            return await self.js.pull_subscribe_bind(consumer, stream)
+            sub = await self.js.pull_subscribe_bind(consumer, stream)
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot bind consumer {consumer} on {stream}: {exc!r}") from exc
+        return Pull(sub, source, consumer)
+
+    async def listen(
+        self, subject: str, handle: Callable[[Notice], Awaitable[None]], *, queue: str = ""
+    ) -> Listening:
+        """Call ``handle`` with every core message on ``subject`` (one member of ``queue`` each,
+        when it is given) until `Listening.close`."""
+
+        async def on_msg(msg: Any) -> None:
+            await handle(Notice(msg))
+
+        try:
+            sub = await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot subscribe to {subject}: {exc!r}") from exc
+        return Listening(sub)
 
     async def follow(self, subject: str) -> Following:
         """The messages published on ``subject`` from the moment this returns. A plain
@@ -506,7 +545,7 @@ class Bus:
         """Drop a pending timer (purging its schedule's subject); a timer that fired is gone anyway."""
         request = msgspec.json.encode({"filter": self.names.timer_subject(run_id, key)})
         try:
-            await self.requests.request(f"$JS.API.STREAM.PURGE.{self.names.runs_stream}", request, None, 10)
+            await self.requests.request(stream_purge_subject(self.names.runs_stream), request, None, 10)
         except API_ERRORS as exc:
             raise NatsError(f"cannot cancel timer {key} of run {run_id}: {exc!r}") from exc
 

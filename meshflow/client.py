@@ -19,9 +19,9 @@ from typing import Any
 import msgspec
 
 from . import control
-from .bus import Bus, Following, open_nats
+from .bus import Bus, Following
 from .codec import decode_value
-from .connection import NatsAuth
+from .connection import NatsAuth, open_nats
 from .cron import parse_cron
 from .durations import epoch_ms, from_ms, now_ms
 from .errors import EventError, MeshflowError, RunNotFoundError, RunTimeoutError

@@ -1,20 +1,39 @@
-"""How meshflow authenticates to NATS: user and password, token, nkey seed, ``.creds`` file, TLS.
+"""Connecting to NATS: credentials and TLS (`NatsAuth`), connecting and reconnecting
+(`open_nats`), and the start-up check that the server syncs every write (`check_durability`).
 
 Every process (worker, client, dashboard, CLI) takes the same `NatsAuth`; the CLI fills it from
 ``--nats-*`` flags or ``MESHFLOW_NATS_*`` environment variables (`NatsAuth.from_env`). Files are
 checked when the options are built, so a wrong path is a clear error, not a failed handshake.
+
+nats-py errors never leave this module: they become `NatsError`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import ssl
+import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+import msgspec
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+
+from .errors import ConfigError, NatsError
+from .requests import NATS_ERRORS
+
+#: How long a process waits at start for a NATS server that is not up yet.
+CONNECT_WAIT = 30.0
+
+log = structlog.get_logger("meshflow.nats")
 
 _INBOX_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
@@ -98,3 +117,145 @@ class NatsAuth:
                 f"inbox prefix {self.inbox_prefix!r}: subject tokens of letters, digits, '_' and '-' "
                 "separated by dots, no wildcards (like _INBOX_worker)"
             )
+
+
+def _inbox_denied(exc: BaseException, prefix: str) -> bool:
+    text = str(exc).lower()
+    return "permissions violation for subscription" in text and f'"{prefix.lower()}.' in text
+
+
+def _refused(exc: BaseException) -> bool:
+    """The server turned us away (credentials, or a TLS handshake it or we rejected): retrying
+    will not help, unlike a server that is not up yet."""
+    if isinstance(exc, ssl.SSLError):
+        return True
+    text = str(exc).lower()
+    return "authori" in text or "authenticat" in text
+
+
+async def open_nats(
+    servers: str | Sequence[str],
+    *,
+    name: str = "meshflow",
+    auth: NatsAuth | None = None,
+    wait: float = CONNECT_WAIT,
+) -> NatsClient:
+    """Connect to NATS; once connected, reconnect forever when the server restarts.
+
+    A server that is not up yet is retried for ``wait`` seconds; refused credentials fail at once.
+    """
+    urls = [servers] if isinstance(servers, str) else list(servers)
+    options = (auth or NatsAuth()).options()
+    errors: list[BaseException] = []
+    connected = False
+
+    refusal = asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        if connected and _inbox_denied(exc, options.get("inbox_prefix", "_INBOX")):
+            log.error(
+                "this NATS user may not subscribe to its reply inbox, so no request gets an answer; "
+                "give the inbox prefix its permissions allow (--nats-inbox-prefix, "
+                "MESHFLOW_NATS_INBOX_PREFIX; deploy/nats/accounts.conf uses _INBOX_worker and "
+                "_INBOX_dashboard)",
+                error=str(exc),
+            )
+        elif connected:
+            log.warning("nats error", error=repr(exc))
+        else:
+            errors.append(exc)
+            if _refused(exc):
+                refusal.set()
+
+    async def attempt() -> NatsClient:
+        connecting = asyncio.ensure_future(
+            nats.connect(
+                servers=urls,
+                name=name,
+                max_reconnect_attempts=1,  # the initial attempts; forever once connected (below)
+                reconnect_time_wait=0.25,
+                connect_timeout=5,
+                allow_reconnect=True,
+                error_cb=on_error,
+                **options,
+            )
+        )
+        refused = asyncio.ensure_future(refusal.wait())
+        # nats-py 2.16 never returns from connect() when we reject the server's certificate
+        # (it reports the error, then hangs): a refusal reported to on_error ends the attempt.
+        await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
+        refused.cancel()
+        if connecting.done():
+            return connecting.result()
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, *NATS_ERRORS):
+            await connecting
+        raise nats.errors.NoServersError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        try:
+            nc = await attempt()
+        except NATS_ERRORS as exc:
+            refused = next((e for e in errors if _refused(e)), None)
+            if refused is not None or loop.time() >= deadline:
+                # what the server said beats nats-py's summary ("NoServersError")
+                cause = refused or (errors[-1] if errors else exc)
+                raise NatsError(f"cannot connect to NATS at {', '.join(urls)}: {cause!r}") from cause
+            await asyncio.sleep(0.5)
+            continue
+        connected = True
+        nc.options["max_reconnect_attempts"] = -1
+        return nc
+
+
+async def syncs_every_write(nc: NatsClient, monitor: str | None = None) -> bool | None:
+    """Whether the server fsyncs every write (``jetstream { sync_interval: always }``): asked of
+    its monitoring endpoint (``monitor``, like ``http://host:8222``) or, failing that, of the system
+    account; None when neither answers."""
+    varz: dict[str, Any] | None = None
+    if monitor:
+        url = monitor.rstrip("/") + "/varz"
+        try:
+            raw = await asyncio.to_thread(_fetch, url)
+            varz = msgspec.json.decode(raw)
+        except (OSError, ValueError, msgspec.DecodeError) as exc:
+            log.warning("could not read the server's monitoring endpoint", url=url, error=repr(exc))
+    if varz is None:
+        try:
+            reply = await nc.request("$SYS.REQ.SERVER.PING.VARZ", b"", timeout=1)
+            varz = msgspec.json.decode(reply.data).get("data")
+        except _VARZ_ERRORS:
+            varz = None
+    if not isinstance(varz, dict):
+        return None
+    config = (varz.get("jetstream") or {}).get("config") or {}
+    return bool(config.get("sync_always", False))
+
+
+async def check_durability(nc: NatsClient, monitor: str | None = None) -> None:
+    """Warn, once, when the server can lose acknowledged writes on a crash (DESIGN §5)."""
+    syncs = await syncs_every_write(nc, monitor)
+    if syncs is False:
+        log.warning(
+            "the NATS server does not sync every write to disk: an OS crash or power loss can lose "
+            "acknowledged events and step results. Set `jetstream { sync_interval: always }` in its "
+            "config (docs/deploy.md)"
+        )
+    elif syncs is None:
+        log.info(
+            "could not tell whether the NATS server syncs every write (give --nats-monitor); "
+            "production servers should set `jetstream { sync_interval: always }`"
+        )
+
+
+_VARZ_ERRORS: tuple[type[BaseException], ...] = (*NATS_ERRORS, msgspec.DecodeError, AttributeError)
+
+
+def _fetch(url: str) -> bytes:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"not an http(s) URL: {url}")
+    with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310 - scheme checked above
+        data: bytes = response.read()
+        return data

@@ -20,18 +20,19 @@ without a worker the request gets "no responders" at once, and the caller an err
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 import nats.errors
 import structlog
 
-from .bus import Bus, RunMessage
+from .bus import Bus, Notice, RunMessage
 from .durations import now_ms
 from .errors import MeshflowError, NatsError, RunNotFoundError
 from .ids import new_ulid
+from .names import cancel_message_id, start_message_id
 from .requests import NATS_ERRORS
-from .runs import CancelInfo, RunRecord, RunStatus
+from .runs import CancelInfo, new_run
 from .store import RunConflict, Store
 
 log = structlog.get_logger("meshflow.control")
@@ -73,7 +74,7 @@ async def request_cancel(store: Store, bus: Bus, run_id: str, reason: str) -> bo
         except NATS_ERRORS as exc:
             raise NatsError(f"cannot signal the cancellation of run {run_id}: {exc!r}") from exc
         wake = RunMessage(run_id=run_id, reason="cancel")
-        await bus.publish_run(record.app, record.fn, wake, msg_id=f"{run_id}:cancel")
+        await bus.publish_run(record.app, record.fn, wake, msg_id=cancel_message_id(run_id))
         return True
     raise NatsError(f"run {run_id}: could not record the cancellation after {_ATTEMPTS} conflicting updates")
 
@@ -85,33 +86,30 @@ async def replay_run(store: Store, bus: Bus, run_id: str) -> str:
         raise RunNotFoundError(f"run {run_id} does not exist")
     original = got[0]
     now = now_ms()
-    replay = RunRecord(
-        id=new_ulid(now),
+    replay = new_run(
+        new_ulid(now),
         app=original.app,
-        function=original.function,
         fn=original.fn,
-        status=RunStatus.QUEUED,
         events=original.events,
-        created_at=now,
-        updated_at=now,
+        now=now,
         seq=original.seq,
         replay_of=original.id,
     )
     await store.create_run(replay)
     start = RunMessage(run_id=replay.id, reason="start")
-    await bus.publish_run(replay.app, replay.fn, start, msg_id=f"{replay.id}:start")
+    await bus.publish_run(replay.app, replay.fn, start, msg_id=start_message_id(replay.id))
     return replay.id
 
 
-async def serve(store: Store, bus: Bus, msg: Any) -> None:
-    """Carry out one control request (a worker's subscription callback) and answer it."""
-    operation = msg.subject.rpartition(".")[2]
+async def serve(store: Store, bus: Bus, request: Notice) -> None:
+    """Carry out one control request (a worker listens on the control subjects) and answer it."""
+    operation = request.subject.rpartition(".")[2]
     try:
-        request = msgspec.json.decode(msg.data, type=_Request)
+        asked = msgspec.json.decode(request.data, type=_Request)
         if operation == "cancel":
-            reply = _Reply(cancelled=await request_cancel(store, bus, request.run_id, request.reason))
+            reply = _Reply(cancelled=await request_cancel(store, bus, asked.run_id, asked.reason))
         elif operation == "replay":
-            reply = _Reply(run_id=await replay_run(store, bus, request.run_id))
+            reply = _Reply(run_id=await replay_run(store, bus, asked.run_id))
         else:
             reply = _Reply(error=f"unknown control operation {operation!r}")
     except RunNotFoundError as exc:
@@ -122,11 +120,11 @@ async def serve(store: Store, bus: Bus, msg: Any) -> None:
         log.exception("control request failed", operation=operation)
         reply = _Reply(error=f"the worker failed: {exc!r}")
     log.info("control request served", operation=operation, error=reply.error or reply.not_found or None)
-    if msg.reply:
+    if request.wants_reply:
         try:
-            await msg.respond(msgspec.json.encode(reply))
-        except NATS_ERRORS as exc:
-            log.warning("could not answer a control request", operation=operation, error=repr(exc))
+            await request.respond(msgspec.json.encode(reply))
+        except NatsError as exc:
+            log.warning("could not answer a control request", operation=operation, error=str(exc))
 
 
 async def ask(bus: Bus, operation: Operation, run_id: str, reason: str = "") -> _Reply:

@@ -209,6 +209,13 @@ def epoch_ms(when: dt.datetime) -> int:
     return (when - _EPOCH) // _ONE_MS
 
 
+def ms_at(when: dt.datetime) -> int:
+    """Epoch milliseconds of ``when``, rounded *up*: a wake time between two milliseconds must
+    not wake early (`epoch_ms` rounds down, as timestamps do)."""
+    _require_aware(when)
+    return -(-(when - _EPOCH) // _ONE_MS)
+
+
 def _trim(number: Decimal) -> str:
     text = f"{number:f}"
     return text.rstrip("0").rstrip(".") if "." in text else text

@@ -88,6 +88,17 @@ def encode_event(event: Event) -> bytes:
         ) from exc
 
 
+def events_to_send(events: object, *, what: str) -> list[Event]:
+    """``events`` (an Event, or a non-empty list of them) as a list, every one checked and
+    encodable before any is sent; `EventError` naming ``what`` otherwise."""
+    batch = [events] if isinstance(events, Event) else events
+    if not isinstance(batch, list | tuple) or not batch or not all(isinstance(e, Event) for e in batch):
+        raise EventError(f"{what} takes an Event or a non-empty list of Events")
+    for event in batch:
+        encode_event(event)
+    return list(batch)
+
+
 def decode_event(raw: bytes) -> Event:
     """Decode an event from the events stream."""
     return _decoder.decode(raw)

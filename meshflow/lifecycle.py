@@ -6,15 +6,14 @@
 - ``invoke``: the parent's worker creates the child run (queued, its id derived from the parent
   and step, so a re-executed pass finds the same child) and starts it; the child's end commits the
   parent's step memo (first writer wins against the invoke's timeout) and wakes the parent.
-- When a run ends: its cancel_on waiters and finish timer go; a cancelled run's pending timers
-  and waits go too. Best effort: whatever is left finds a finished run and is dropped then.
+- A run's start and finish timeouts cancel it when they fire (`timed_out`).
 
-The worker (``meshflow.worker``) decides when; this module knows what to write.
+The pass executor (``meshflow.passes``) decides when; this module knows what to write. (What a
+pass tidies when a run ends is decided in ``meshflow.settle``.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 
 import msgspec
@@ -23,19 +22,16 @@ import structlog
 from .bus import Bus, RunMessage
 from .control import request_cancel
 from .durations import format_duration, now_ms
-from .errors import NatsError
 from .events import Event
 from .expressions import ExpressionError, match_key
 from .functions import Function
-from .names import EVENT_FUNCTION_INVOKED, Names
+from .names import EVENT_FUNCTION_INVOKED, Names, invoke_wake_id, invoked_event_id, start_message_id
 from .router import Router
 from .runs import (
-    NEVER,
     NULL,
     ErrorInfo,
     ParentRef,
     Pending,
-    PendingKind,
     RunRecord,
     RunStatus,
     StepKind,
@@ -143,7 +139,14 @@ class Lifecycle:
             function=spec.function,
             fn=fn_id,
             status=RunStatus.QUEUED,
-            events=[Event(name=EVENT_FUNCTION_INVOKED, id=f"{record.id}:{item.key}", data=spec.data, ts=now)],
+            events=[
+                Event(
+                    name=EVENT_FUNCTION_INVOKED,
+                    id=invoked_event_id(record.id, item.key),
+                    data=spec.data,
+                    ts=now,
+                )
+            ],
             created_at=now,
             updated_at=now,
             parent=ParentRef(
@@ -155,7 +158,7 @@ class Lifecycle:
         if await self.store.create_run(child) is not None and local is not None:
             await self.arm(local, child)
         start = RunMessage(run_id=child.id, reason="start")
-        await self.bus.publish_run(app, fn_id, start, msg_id=f"{child.id}:start")
+        await self.bus.publish_run(app, fn_id, start, msg_id=start_message_id(child.id))
         return None
 
     async def notify_parent(self, run: RunRecord) -> None:
@@ -178,40 +181,9 @@ class Lifecycle:
         )
         await self.store.commit_memo(parent.run_id, memo)
         wake = RunMessage(run_id=parent.run_id, reason="invoke", key=parent.key)
-        await self.bus.publish_run(parent.app, parent.fn, wake, msg_id=f"{parent.run_id}:{parent.key}:invoke")
-
-    async def clean_up(self, fn: Function, before: RunRecord, final: RunRecord) -> None:
-        """After a run ended (and `forget_waits` tidied its waits' and invokes' timers): drop its
-        cancel_on waiters and timeout timer; if it was cancelled, its other pending timers and
-        its waits' entries too. Best effort: what is left finds a finished run."""
-        with contextlib.suppress(NatsError):
-            if fn.cancel_on:
-                await self.router.forget_cancels(fn, final)
-            if fn.finish_timeout_ms is not None:
-                await self.bus.cancel_timer(final.id, "timeout")
-            if final.status is RunStatus.CANCELLED:
-                for item in before.pending:  # waits' and invokes' timers are forget_waits' work
-                    if item.kind is PendingKind.WAIT:
-                        await self.router.forget(final.id, item)
-                    elif item.kind is not PendingKind.INVOKE and item.until < NEVER:
-                        await self.bus.cancel_timer(final.id, item.key)
-
-    async def forget_waits(self, before: RunRecord, after: RunRecord, memos: dict[str, StepMemo]) -> None:
-        """Tidy the waits and invokes that ended in this pass: a timed-out wait's entries (the
-        router drops those it resolves), and the timeout timer of one resolved before its
-        deadline, which would otherwise fire for nothing days later."""
-        still = {p.key for p in after.pending}
-        now = now_ms()
-        for item in before.pending:
-            if item.key in still or item.kind not in (PendingKind.WAIT, PendingKind.INVOKE):
-                continue
-            with contextlib.suppress(NatsError):
-                if item.until <= now:
-                    memo = memos.get(item.key)
-                    if item.kind is PendingKind.WAIT and memo is not None and memo.seq == 0:
-                        await self.router.forget(before.id, item)
-                elif item.until < NEVER:
-                    await self.bus.cancel_timer(before.id, item.key)
+        await self.bus.publish_run(
+            parent.app, parent.fn, wake, msg_id=invoke_wake_id(parent.run_id, parent.key)
+        )
 
 
 def _ms_text(ms: int) -> str:

@@ -199,6 +199,9 @@ HDR_SCHEDULE = "Nats-Schedule"
 HDR_SCHEDULE_TARGET = "Nats-Schedule-Target"
 HDR_SCHEDULE_TTL = "Nats-Schedule-TTL"
 HDR_TTL = "Nats-TTL"
+HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+HDR_KV_OPERATION = "KV-Operation"
+HDR_ROLLUP = "Nats-Rollup"
 
 
 def kv_stream(bucket: str) -> str:
@@ -211,11 +214,92 @@ def kv_subject(bucket: str, key: str) -> str:
     return f"$KV.{bucket}.{key}"
 
 
+# --- JetStream API subjects (the requests meshflow makes without nats-py's helpers) -----------
 def direct_get_subject(stream: str) -> str:
     """The JetStream API subject for (batched) direct gets from a stream."""
     return f"$JS.API.DIRECT.GET.{stream}"
 
 
-HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
-HDR_KV_OPERATION = "KV-Operation"
-HDR_ROLLUP = "Nats-Rollup"
+def stream_info_subject(stream: str) -> str:
+    return f"$JS.API.STREAM.INFO.{stream}"
+
+
+def stream_purge_subject(stream: str) -> str:
+    return f"$JS.API.STREAM.PURGE.{stream}"
+
+
+def consumer_info_subject(stream: str, consumer: str) -> str:
+    return f"$JS.API.CONSUMER.INFO.{stream}.{consumer}"
+
+
+# --- message ids --------------------------------------------------------------------------------
+# Every Nats-Msg-Id meshflow sets derives from what the message is about, so a message published
+# again (a redelivered pass, a second worker, a retry after a lost ack) is dropped by the stream's
+# duplicate window instead of acting twice. Changing a format makes in-flight duplicates act twice:
+# never change one.
+
+
+def finished_event_id(run_id: str) -> str:
+    """``meshflow/function.finished`` of a run."""
+    return f"{run_id}:finished"
+
+
+def failed_event_id(run_id: str) -> str:
+    """``meshflow/function.failed`` of a run (starts its function's on_failure)."""
+    return f"{run_id}:failed"
+
+
+def cancelled_event_id(run_id: str) -> str:
+    """``meshflow/function.cancelled`` of a run."""
+    return f"{run_id}:cancelled"
+
+
+def sent_event_id(run_id: str, step_hash: str, index: int) -> str:
+    """The ``index``-th event a ``send_event`` step sends."""
+    return f"{run_id}:{step_hash}:{index}"
+
+
+def cron_event_id(full_id: str, cron_key: str, tick_ms: int) -> str:
+    """The event of one cron tick (also its run's dedupe key)."""
+    return f"cron:{full_id}:{cron_key}:{tick_ms}"
+
+
+def invoked_event_id(parent_run_id: str, step_hash: str) -> str:
+    """The ``meshflow/function.invoked`` event an ``invoke`` step gives its child run."""
+    return f"{parent_run_id}:{step_hash}"
+
+
+def start_message_id(run_id: str) -> str:
+    """'Start this run': a queued, invoked or replayed run."""
+    return f"{run_id}:start"
+
+
+def cancel_message_id(run_id: str, revision: int | None = None) -> str:
+    """'Advance this run: it was asked to stop'; per record revision when a pass ending saw a
+    cancel request arrive (each request wakes the run once)."""
+    return f"{run_id}:cancel" if revision is None else f"{run_id}:cancel:{revision}"
+
+
+def timer_wake_id(run_id: str, key: str, until_ms: int) -> str:
+    """A local timer's wake of a run, published when it cannot advance the run itself."""
+    return f"{run_id}:{key}:{until_ms}"
+
+
+def event_wake_id(run_id: str, step_hash: str) -> str:
+    """The router resolved a run's wait."""
+    return f"{run_id}:{step_hash}:event"
+
+
+def invoke_wake_id(parent_run_id: str, step_hash: str) -> str:
+    """A child run ended: its parent's ``invoke`` step is resolved."""
+    return f"{parent_run_id}:{step_hash}:invoke"
+
+
+def batch_full_id(run_id: str) -> str:
+    """A batch window filled up: its run starts now."""
+    return f"{run_id}:full"
+
+
+def slot_wake_id(run_id: str, nonce: str) -> str:
+    """A concurrency slot was freed for a queued run (each freeing wakes it once)."""
+    return f"{run_id}:slot:{nonce}"

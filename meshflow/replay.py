@@ -31,10 +31,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import datetime as dt
 import inspect
 import random
-import traceback as tb
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol, TypeVar
@@ -43,37 +41,33 @@ import msgspec
 import structlog
 
 from .codec import decode_value, encode_value
-from .durations import from_ms, now_ms, parse_duration, parse_when, to_ms
+from .durations import ms_at, now_ms, parse_duration, parse_when, to_ms
 from .errors import (
     ConfigError,
-    EventError,
-    MeshflowError,
     NestedStepError,
     NonDeterminismError,
-    NonRetriableError,
-    RetryAfterError,
     SerializationError,
     StepError,
 )
-from .events import Event, encode_event, validate_event_name
-from .expressions import compile_expression, compile_match
+from .events import Event, events_to_send
 from .functions import Function
-from .ids import StepCounter, run_id_for, validate_id
-from .retries import Retry, attempts_left, backoff_delay, retry_policy
+from .ids import StepCounter
+from .invokes import invoke_item
+from .logging import RunLogger
+from .names import sent_event_id
+from .retries import Retry, attempts_left, never_retried, retry_delay_ms, retry_policy
 from .runs import (
-    NEVER,
     NULL,
     ErrorInfo,
-    InvokeSpec,
     Pending,
     PendingKind,
     StepKind,
     StepMemo,
     StepStatus,
-    WaitSpec,
+    error_info,
 )
 from .steps import Context, Step
-from .waits import match_token
+from .waits import wait_spec
 
 # How many loop turns to let sibling branches (asyncio.gather) reach their next step call before
 # concluding that every branch is parked.
@@ -83,11 +77,6 @@ _MAX_STEP_ID = 256
 T = TypeVar("T")
 
 _in_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("meshflow_in_step", default=None)
-
-
-def _ms_at(when: dt.datetime) -> int:
-    """Epoch ms of ``when``, rounded up: a wake time between two milliseconds must not wake early."""
-    return to_ms(when - from_ms(0))
 
 
 class Effects(Protocol):
@@ -153,45 +142,6 @@ class _Stop(BaseException):
 class _Abort(BaseException):
     """Raised into the function when committing or sending failed (NATS unreachable): the pass is
     abandoned, not the function failed, and the run resumes from its last commit later."""
-
-
-def safe_str(exc: BaseException) -> str:
-    """``str(exc)``, or a note saying why it could not be had (a broken ``__str__``)."""
-    try:
-        return str(exc)
-    except BaseException as inner:  # a user's __str__ may raise anything
-        return f"<str() of {type(exc).__name__} raised {type(inner).__name__}>"
-
-
-def error_info(exc: BaseException, *, retriable: bool) -> ErrorInfo:
-    """Describe ``exc`` for storage, robust to exceptions whose ``__str__`` raises."""
-    try:
-        trace = "".join(tb.format_exception(exc))
-    except BaseException:  # format_exception calls __str__ too
-        trace = "".join(tb.format_tb(exc.__traceback__))
-    return ErrorInfo(type=type(exc).__name__, message=safe_str(exc), traceback=trace, retriable=retriable)
-
-
-def _never_retry(exc: BaseException) -> bool:
-    return (
-        not isinstance(exc, Exception)
-        or isinstance(exc, NonRetriableError | StepError | ConfigError | SerializationError)
-        or isinstance(exc, NestedStepError | NonDeterminismError | EventError)
-    )
-
-
-def _retry_delay_ms(exc: BaseException, policy: Retry, failures: int, now: int, rnd: float) -> int:
-    if isinstance(exc, RetryAfterError):
-        try:
-            if isinstance(exc.delay, dt.datetime) or (
-                isinstance(exc.delay, str) and exc.delay[:1].isdigit() and "T" in exc.delay
-            ):
-                when = parse_when(exc.delay)
-                return max(0, _ms_at(when) - now)
-            return to_ms(parse_duration(exc.delay, what="RetryAfterError delay"))
-        except MeshflowError:
-            pass  # an unusable delay falls back to the backoff table
-    return to_ms(backoff_delay(policy, failures, rnd))
 
 
 class _Exit(Exception):
@@ -337,8 +287,8 @@ class _Pass:
                 if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
                     raise  # the pass (or the worker) is being cancelled: not the step's failure
                 now = self.act.clock()
-                if not _never_retry(exc) and attempts_left(policy, failures + 1):
-                    until = now + _retry_delay_ms(exc, policy, failures + 1, now, self.act.random())
+                if not never_retried(exc) and attempts_left(policy, failures + 1):
+                    until = now + retry_delay_ms(exc, policy, failures + 1, now, self.act.random())
                     self.step_failures[key] = failures + 1
                     retry = Pending(
                         kind=PendingKind.STEP_RETRY,
@@ -406,7 +356,7 @@ class _Pass:
             item = old
         else:
             if until:
-                wake = _ms_at(parse_when(duration, what=f"step {step_id!r}"))  # type: ignore[arg-type]
+                wake = ms_at(parse_when(duration, what=f"step {step_id!r}"))  # type: ignore[arg-type]
             else:
                 wake = now + to_ms(parse_duration(duration, what=f"step {step_id!r}"))  # type: ignore[arg-type]
             item = Pending(kind=PendingKind.SLEEP, key=key, step_id=step_id, until=wake, since=now)
@@ -451,7 +401,20 @@ class _Pass:
             else:
                 what = f"step {step_id!r}"
                 until = now + to_ms(parse_duration(timeout, what=f"{what} timeout"))  # type: ignore[arg-type]
-                waits = [self._wait_spec(spec, now, lookback, since, what) for spec in specs]
+                waits = [
+                    wait_spec(
+                        spec,
+                        trigger=self.act.events[0],
+                        seq=self.act.seq,
+                        created_at=self.act.created_at,
+                        memos=self.memos.values(),
+                        now=now,
+                        lookback=lookback,
+                        since=since,
+                        what=what,
+                    )
+                    for spec in specs
+                ]
                 item = Pending(
                     kind=PendingKind.WAIT, key=key, step_id=step_id, until=until, since=now, waits=waits
                 )
@@ -471,52 +434,6 @@ class _Pass:
             return None
         return decode_value(memo.output, Event)  # type: ignore[no-any-return]
 
-    def _wait_spec(
-        self, spec: tuple[object, object, object], now: int, lookback: object, since: object, what: str
-    ) -> WaitSpec:
-        name, match, condition = spec
-        try:
-            validate_event_name(name)
-        except EventError as exc:
-            raise ConfigError(f"{what}: {exc}") from None
-        assert isinstance(name, str)
-        token: str | None = None
-        if match is not None:
-            compile_match(match, what=what)  # a bad path is the user's error, named here
-            token = match_token(msgspec.to_builtins(self.act.events[0]), str(match))
-        if condition is not None:
-            compile_expression(condition, variables=("event", "async"), what=f"{what} if_")
-        if since not in ("trigger", "wait"):
-            raise ConfigError(f"{what}: since must be 'trigger' (the default) or 'wait', got {since!r}")
-        back = None if lookback is None else to_ms(parse_duration(lookback, what=f"{what} lookback"))  # type: ignore[arg-type]
-        floor_seq, floor_time = 0, 0
-        if since == "wait":
-            floor_time = now
-        else:
-            if self.act.seq > 0 and lookback is None:
-                floor_seq = self.act.seq
-            else:
-                floor_time = self.act.created_at or now
-            if back is not None:
-                floor_time = max(0, floor_time - back)
-            # never the same event twice: after the last one this run took under this name
-            taken = [
-                m.seq
-                for m in self.memos.values()
-                if m.kind is StepKind.WAIT and m.seq > 0 and _name_of(m) == name
-            ]
-            if taken:
-                floor_seq, floor_time = max(max(taken), floor_seq), 0
-        return WaitSpec(
-            event=name,
-            match=match if isinstance(match, str) else None,
-            match_token=token,
-            if_=condition if isinstance(condition, str) else None,
-            floor_seq=floor_seq,
-            floor_time=floor_time,
-            not_seq=self.act.seq if floor_seq == 0 else 0,  # a time window must not take the trigger
-        )
-
     # --- step.invoke ---------------------------------------------------------------------------
     async def invoke_step(
         self, step_id: str, function: object, data: object, timeout: object, type_: Any
@@ -528,7 +445,16 @@ class _Pass:
             if old is not None and old.kind is PendingKind.INVOKE:
                 item = old
             else:
-                item = self._invoke_item(key, step_id, function, data, timeout, now)
+                item = invoke_item(
+                    key,
+                    step_id,
+                    function=function,
+                    data=data,
+                    timeout=timeout,
+                    run_id=self.act.run_id,
+                    created_at=self.act.created_at,
+                    now=now,
+                )
             if now < item.until:
                 await self.park(item)
             target = item.invoke.function if item.invoke else "?"
@@ -553,42 +479,11 @@ class _Pass:
         err = memo.error or ErrorInfo(type="Error", message="unknown")
         raise StepError(step_id, err.type, err.message, err.traceback)
 
-    def _invoke_item(
-        self, key: str, step_id: str, function: object, data: object, timeout: object, now: int
-    ) -> Pending:
-        what = f"step {step_id!r}"
-        if isinstance(function, Function):
-            target = function.full_id
-        elif isinstance(function, str) and function:
-            target = validate_id(function, what=f"{what} function")
-        else:
-            raise ConfigError(f"{what}: function must be a Function or a full function id like 'app-fn'")
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{what}: data must be a dict (the invoked run's event data)")
-        data = dict(msgspec.json.decode(encode_value(data, what=f"{what} data")))
-        until = NEVER
-        if timeout is not None:
-            until = now + to_ms(parse_duration(timeout, what=f"{what} timeout"))  # type: ignore[arg-type]
-        # The child's id derives from this run and step, so a re-executed pass finds the same child.
-        child = run_id_for(target, f"{self.act.run_id}:{key}", self.act.created_at)
-        spec = InvokeSpec(function=target, run_id=child, data=data)
-        return Pending(kind=PendingKind.INVOKE, key=key, step_id=step_id, until=until, since=now, invoke=spec)
-
     # --- step.send_event -----------------------------------------------------------------------
     async def send_step(self, step_id: str, events: object) -> list[str]:
         key, memo = self._new_step(step_id, StepKind.SEND)
         if memo is None:
-            batch = [events] if isinstance(events, Event) else events
-            if (
-                not isinstance(batch, list | tuple)
-                or not batch
-                or not all(isinstance(e, Event) for e in batch)
-            ):
-                raise EventError(f"step {step_id!r}: send_event takes an Event or a non-empty list of Events")
-            for event in batch:
-                encode_event(event)  # every event checked before any is sent
+            batch = events_to_send(events, what=f"step {step_id!r}: send_event")
             ids = [event.id for event in batch]
             self.running += 1
             self.bump()
@@ -596,7 +491,9 @@ class _Pass:
                 started = self.act.clock()
                 # A pass re-executed after a crash sends the same message ids: the stream drops them.
                 await self.effect(
-                    self.effects.send(batch, [f"{self.act.run_id}:{key}:{i}" for i in range(len(batch))])
+                    self.effects.send(
+                        batch, [sent_event_id(self.act.run_id, key, i) for i in range(len(batch))]
+                    )
                 )
                 memo = StepMemo(
                     id=step_id,
@@ -637,63 +534,20 @@ class _Pass:
                 return Failed(error=error_info(err, retriable=False))
         policy = self.act.function.retry
         failures = self.act.attempt + 1
-        if _never_retry(exc) or not attempts_left(policy, failures):
+        if never_retried(exc) or not attempts_left(policy, failures):
             return Failed(error=error_info(exc, retriable=False))
         now = self.act.clock()
         self.parked = {
             "run": Pending(
                 kind=PendingKind.RUN_RETRY,
                 key="run",
-                until=now + _retry_delay_ms(exc, policy, failures, now, self.act.random()),
+                until=now + retry_delay_ms(exc, policy, failures, now, self.act.random()),
                 since=now,
                 attempt=failures,
                 error=error_info(exc, retriable=True),
             )
         }
         return self.suspended(attempt=failures)
-
-
-def _name_of(memo: StepMemo) -> str:
-    """The event name a WAIT memo took ("" for a timeout)."""
-    try:
-        data = msgspec.json.decode(memo.output)
-    except msgspec.DecodeError:
-        return ""
-    return str(data.get("name", "")) if isinstance(data, dict) else ""
-
-
-class _ReplayAwareLogger:
-    """A structlog logger that is silent while memoized steps replay, bound to the current step."""
-
-    def __init__(self, engine: _Pass, base: Any) -> None:
-        self._engine = engine
-        self._base = base
-
-    def bind(self, **kw: Any) -> _ReplayAwareLogger:
-        return _ReplayAwareLogger(self._engine, self._base.bind(**kw))
-
-    def _log(self, level: str, event: str, *args: Any, **kw: Any) -> None:
-        if self._engine.replaying:
-            return
-        step = _in_step.get()
-        if step is not None:
-            kw.setdefault("step", step)
-        getattr(self._base, level)(event, *args, **kw)
-
-    def debug(self, event: str, *args: Any, **kw: Any) -> None:
-        self._log("debug", event, *args, **kw)
-
-    def info(self, event: str, *args: Any, **kw: Any) -> None:
-        self._log("info", event, *args, **kw)
-
-    def warning(self, event: str, *args: Any, **kw: Any) -> None:
-        self._log("warning", event, *args, **kw)
-
-    def error(self, event: str, *args: Any, **kw: Any) -> None:
-        self._log("error", event, *args, **kw)
-
-    def exception(self, event: str, *args: Any, **kw: Any) -> None:
-        self._log("exception", event, *args, **kw)
 
 
 async def execute(act: Activation, effects: Effects) -> Outcome:
@@ -710,7 +564,11 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
         function_id=act.function.full_id,
         attempt=act.attempt,
         step=Step(engine),
-        logger=_ReplayAwareLogger(engine, base.bind(run_id=act.run_id, function=act.function.full_id)),  # type: ignore[arg-type]
+        logger=RunLogger(
+            base.bind(run_id=act.run_id, function=act.function.full_id),
+            replaying=lambda: engine.replaying,
+            step=_in_step.get,
+        ),  # type: ignore[arg-type]
     )
     task: asyncio.Task[Any] = asyncio.ensure_future(_body(act.function, ctx))
     task.add_done_callback(lambda _: engine.bump())

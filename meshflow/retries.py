@@ -19,8 +19,18 @@ from collections.abc import Sequence
 
 import msgspec
 
-from meshflow.durations import parse_duration
-from meshflow.errors import ConfigError
+from meshflow.durations import ms_at, parse_duration, parse_when, to_ms
+from meshflow.errors import (
+    ConfigError,
+    EventError,
+    MeshflowError,
+    NestedStepError,
+    NonDeterminismError,
+    NonRetriableError,
+    RetryAfterError,
+    SerializationError,
+    StepError,
+)
 
 __all__ = [
     "DEFAULT_BACKOFF",
@@ -158,3 +168,30 @@ def backoff_delay(policy: Retry, failures: int, rnd: float) -> dt.timedelta:
     # The jitter term is >= 0 and timedelta rounds it to whole microseconds, so the result never
     # drops below the table value.
     return base + base * (policy.jitter * rnd)
+
+
+def never_retried(exc: BaseException) -> bool:
+    """Whether an error fails its step (or run) at once, whatever attempts are left: a
+    `NonRetriableError`, a step that failed for good, a misuse of meshflow, or a non-``Exception``
+    (``SystemExit``...)."""
+    return (
+        not isinstance(exc, Exception)
+        or isinstance(exc, NonRetriableError | StepError | ConfigError | SerializationError)
+        or isinstance(exc, NestedStepError | NonDeterminismError | EventError)
+    )
+
+
+def retry_delay_ms(exc: BaseException, policy: Retry, failures: int, now: int, rnd: float) -> int:
+    """Milliseconds until the next attempt after ``failures`` failures: what a `RetryAfterError`
+    asks for (a delay, or a point in time), else the policy's backoff (``rnd`` its jitter)."""
+    if isinstance(exc, RetryAfterError):
+        try:
+            if isinstance(exc.delay, dt.datetime) or (
+                isinstance(exc.delay, str) and exc.delay[:1].isdigit() and "T" in exc.delay
+            ):
+                when = parse_when(exc.delay)
+                return max(0, ms_at(when) - now)
+            return to_ms(parse_duration(exc.delay, what="RetryAfterError delay"))
+        except MeshflowError:
+            pass  # an unusable delay falls back to the backoff table
+    return to_ms(backoff_delay(policy, failures, rnd))

@@ -30,7 +30,7 @@ from .durations import now_ms
 from .errors import RunNotFoundError
 from .events import Event, decode_event
 from .functions import Function
-from .names import Names
+from .names import Names, event_wake_id
 from .runs import NEVER, Pending, PendingKind, RunRecord, StepKind, StepMemo, StepStatus, WaitSpec
 from .store import Store
 from .waits import (
@@ -282,7 +282,7 @@ class Router:
         if won:  # also after a redelivery of this event: the message id dedupes
             wake = RunMessage(run_id=waiter.run_id, reason="event", key=waiter.key)
             await self.bus.publish_run(
-                waiter.app, waiter.fn, wake, msg_id=f"{waiter.run_id}:{waiter.key}:event"
+                waiter.app, waiter.fn, wake, msg_id=event_wake_id(waiter.run_id, waiter.key)
             )
         await self.store.drop_waits(waiter.keys)
         return int(won)

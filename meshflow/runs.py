@@ -11,6 +11,7 @@ never run again.
 
 from __future__ import annotations
 
+import traceback as tb
 from enum import StrEnum
 from typing import Any
 
@@ -18,7 +19,14 @@ import msgspec
 
 from .codec import decode_value
 from .events import Event
-from .names import EVENT_FUNCTION_CANCELLED, EVENT_FUNCTION_FAILED, EVENT_FUNCTION_FINISHED
+from .names import (
+    EVENT_FUNCTION_CANCELLED,
+    EVENT_FUNCTION_FAILED,
+    EVENT_FUNCTION_FINISHED,
+    cancelled_event_id,
+    failed_event_id,
+    finished_event_id,
+)
 
 #: The stored form of "no value" (msgspec cannot decode ``Raw | None``, so no-value is JSON null).
 NULL = msgspec.Raw(b"null")
@@ -61,6 +69,49 @@ TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
 def can_transition(old: RunStatus, new: RunStatus) -> bool:
     """Whether a run in ``old`` may move to ``new``."""
     return new in TRANSITIONS[old]
+
+
+class IllegalTransition(Exception):
+    """A status change the transition table forbids: a bug in meshflow, never the user's doing.
+    The pass that tried it is abandoned (its message redelivered); it never leaves the worker."""
+
+
+def transition(record: RunRecord, status: RunStatus, **changes: Any) -> RunRecord:
+    """``record`` moved to ``status`` (with ``changes``), if `TRANSITIONS` allows it.
+
+    Every status change of a stored run goes through here; new records are made by `new_run`.
+
+    Raises:
+        IllegalTransition: the table has no such move (a terminal run never changes, say).
+    """
+    if not can_transition(record.status, status):
+        raise IllegalTransition(f"run {record.id}: {record.status} may not become {status}")
+    return msgspec.structs.replace(record, status=status, **changes)
+
+
+def new_run(
+    run_id: str,
+    *,
+    app: str,
+    fn: str,
+    events: list[Event],
+    now: int,
+    status: RunStatus = RunStatus.QUEUED,
+    **fields: Any,
+) -> RunRecord:
+    """A run record to create: ``queued`` unless said otherwise (a trigger may create it
+    ``running`` under its lease, or ``skipped``)."""
+    return RunRecord(
+        id=run_id,
+        app=app,
+        function=f"{app}-{fn}",
+        fn=fn,
+        status=status,
+        events=events,
+        created_at=now,
+        updated_at=now,
+        **fields,
+    )
 
 
 class StepStatus(StrEnum):
@@ -206,6 +257,23 @@ class StepMemo(msgspec.Struct, frozen=True, kw_only=True):
     child: str | None = None  # INVOKE: the child run's id
 
 
+def safe_str(exc: BaseException) -> str:
+    """``str(exc)``, or a note saying why it could not be had (a broken ``__str__``)."""
+    try:
+        return str(exc)
+    except BaseException as inner:  # a user's __str__ may raise anything
+        return f"<str() of {type(exc).__name__} raised {type(inner).__name__}>"
+
+
+def error_info(exc: BaseException, *, retriable: bool) -> ErrorInfo:
+    """Describe ``exc`` for storage, robust to exceptions whose ``__str__`` raises."""
+    try:
+        trace = "".join(tb.format_exception(exc))
+    except BaseException:  # format_exception calls __str__ too
+        trace = "".join(tb.format_tb(exc.__traceback__))
+    return ErrorInfo(type=type(exc).__name__, message=safe_str(exc), traceback=trace, retriable=retriable)
+
+
 _run_encoder = msgspec.json.Encoder()
 _run_decoder = msgspec.json.Decoder(RunRecord)
 _memo_decoder = msgspec.json.Decoder(StepMemo)
@@ -235,11 +303,11 @@ def finished_events(run: RunRecord, *, handles_failures: bool) -> list[Event]:
         data["output"] = decode_value(run.output)
     if run.error is not None:
         data["error"] = msgspec.to_builtins(run.error)
-    events = [Event(name=EVENT_FUNCTION_FINISHED, id=f"{run.id}:finished", data=data)]
+    events = [Event(name=EVENT_FUNCTION_FINISHED, id=finished_event_id(run.id), data=data)]
     if run.status is RunStatus.FAILED and not handles_failures:
         failed = {**data, "event": msgspec.to_builtins(run.events[0])}
-        events.append(Event(name=EVENT_FUNCTION_FAILED, id=f"{run.id}:failed", data=failed))
+        events.append(Event(name=EVENT_FUNCTION_FAILED, id=failed_event_id(run.id), data=failed))
     if run.status is RunStatus.CANCELLED:
         cancelled = {**data, "event": msgspec.to_builtins(run.events[0])}
-        events.append(Event(name=EVENT_FUNCTION_CANCELLED, id=f"{run.id}:cancelled", data=cancelled))
+        events.append(Event(name=EVENT_FUNCTION_CANCELLED, id=cancelled_event_id(run.id), data=cancelled))
     return events

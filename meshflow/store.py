@@ -31,8 +31,10 @@ from .names import (
     HDR_ROLLUP,
     HDR_TTL,
     Names,
+    consumer_info_subject,
     kv_stream,
     kv_subject,
+    stream_info_subject,
 )
 from .requests import NATS_ERRORS, ApiError, Requester, retry_pauses
 from .runs import RunRecord, StepMemo, decode_memo, decode_run, encode_record
@@ -479,7 +481,7 @@ class Store:
     # --- reading streams backwards (newest first), for the dashboard ----------------------------
     async def stream_state(self, stream: str) -> StreamState:
         try:
-            msg = await self.requests.request(f"$JS.API.STREAM.INFO.{stream}", b"", None, _TIMEOUT)
+            msg = await self.requests.request(stream_info_subject(stream), b"", None, _TIMEOUT)
         except _READ_ERRORS as exc:
             raise NatsError(f"cannot read stream {stream}: {exc!r}") from exc
         return _stream_info_decoder.decode(msg.data).state
@@ -544,9 +546,7 @@ class Store:
 
     async def _consumer_info(self, stream: str, consumer: str) -> _ConsumerInfo | None:
         try:
-            msg = await self.requests.request(
-                f"$JS.API.CONSUMER.INFO.{stream}.{consumer}", b"", None, _TIMEOUT
-            )
+            msg = await self.requests.request(consumer_info_subject(stream, consumer), b"", None, _TIMEOUT)
         except _READ_ERRORS as exc:
             raise NatsError(f"cannot read consumer {consumer}: {exc!r}") from exc
         info = _consumer_info_decoder.decode(msg.data)

@@ -1,37 +1,36 @@
 """Where runs come from: an event a function's trigger matches, or a cron tick.
 
-A worker (``meshflow.worker.Worker``) inherits this: for each event it checks the trigger's
+A worker (``meshflow.worker.Worker``) hands it each event: it checks the trigger's
 ``if_``, claims an idempotency key, asks the start-time flow controls (rate limit, singleton,
 throttle) whether and when the run starts, then creates the run record under an id derived from
 the function and the event (or the cron tick), so a redelivered event or a second worker finds the
 claim and never starts a second run. A run that may start now is advanced at once, by the worker
-that created it; one that starts later is queued with a timer.
+that created it (`Passes.advance`); one that starts later is queued with a timer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Awaitable
-from typing import Any
 
 import msgspec
 import structlog
 
-from .bus import Bus, RunMessage
+from .bus import Bus, Delivery, RunMessage
 from .control import request_cancel
 from .cron import Cron
 from .durations import from_ms, now_ms, rfc3339
 from .errors import RunNotFoundError
 from .events import Event, decode_event
-from .flow.slots import Slot, StepSlots
 from .flow.starts import Admission, Starts
 from .flow.windows import Windows
 from .functions import Function
 from .ids import run_id_for
 from .lifecycle import Lifecycle
-from .names import EVENT_CRON
-from .runs import ErrorInfo, Lease, RunRecord, RunStatus
+from .names import EVENT_CRON, cron_event_id
+from .passes import Ownership, Passes
+from .runs import ErrorInfo, Lease, RunStatus, new_run
+from .settle import TRIGGER
 from .store import Store
 
 log = structlog.get_logger("meshflow.worker")
@@ -40,85 +39,88 @@ _NOW = Admission()
 
 
 class Triggers:
-    """The part of a worker that turns events and cron ticks into runs."""
+    """Turns the events a worker's functions are triggered by, and their cron ticks, into runs."""
 
-    # Provided by the worker.
-    id: str
-    lease_ms: int
-    bus: Bus
-    store: Store
-    life: Lifecycle
-    starts: Starts
-    windows: Windows
-
-    def _resume(
-        self, fn: Function, msg: Any, got: tuple[RunRecord, int] | None, *, rmsg: RunMessage | None
-    ) -> Awaitable[None]:
-        raise NotImplementedError
-
-    def _advance(
+    def __init__(
         self,
-        fn: Function,
-        msg: Any,
-        holder: Holder,
         *,
-        memos: dict[str, Any] | None,
-        rmsg: RunMessage | None,
-    ) -> Awaitable[None]:
-        raise NotImplementedError
+        worker_id: str,
+        lease_ms: int,
+        store: Store,
+        bus: Bus,
+        life: Lifecycle,
+        starts: Starts,
+        windows: Windows,
+        passes: Passes,
+    ) -> None:
+        self.id = worker_id
+        self.lease_ms = lease_ms
+        self.store = store
+        self.bus = bus
+        self.life = life
+        self.starts = starts
+        self.windows = windows
+        self.passes = passes
 
-    async def _on_event(self, fn: Function, msg: Any) -> None:
+    async def on_event(self, fn: Function, delivery: Delivery) -> None:
         """Claim the event's run and advance it here at once (the claim is also the lease).
 
         The event is acked only after the run's first pass is written, so a worker dying on the
         way leaves the event to be redelivered; the redelivery finds the claim and resumes it.
         """
         try:
-            event = decode_event(msg.data)
+            event = decode_event(delivery.data)
         except msgspec.DecodeError as exc:
-            log.error("undecodable event dropped", function=fn.full_id, subject=msg.subject, error=str(exc))
-            await msg.term()
+            log.error(
+                "undecodable event dropped", function=fn.full_id, subject=delivery.subject, error=str(exc)
+            )
+            await delivery.term()
             return
         if not fn.matches(event):
-            await msg.ack()
+            await delivery.ack()
             return
         run_id = fn.run_id_for(event)
         if fn.idempotency is not None and not await self.life.claim_key(fn, event, run_id):
-            await msg.ack()
+            await delivery.ack()
             return
-        seq = msg.metadata.sequence.stream if msg.metadata else 0
+        seq = delivery.seq
         admission = Admission()
         if fn.flow.gated:
             existing = await self.store.get_run(run_id)
             if existing is not None:  # a redelivered event: its run was decided already
-                await self._resume(fn, msg, existing, rmsg=None)
+                await self.passes.resume(fn, delivery, TRIGGER, run_id, existing)
                 return
             admission = await self.starts.admit(fn, event, run_id)
             if admission.skip is None and (fn.flow.debounce or fn.flow.batch):
                 opened = await self.windows.gather(fn, event, run_id, seq)
                 if opened is not None:  # this event opened a window: its run waits for its start
                     await self.life.arm(fn, opened)
-                await msg.ack()
+                await delivery.ack()
                 return
-        await self._start_run(fn, msg, event, run_id, seq=seq, admission=admission)
+        await self._start_run(fn, delivery, event, run_id, seq=seq, admission=admission)
 
     async def _start_run(
-        self, fn: Function, msg: Any, event: Event, run_id: str, *, seq: int, admission: Admission = _NOW
+        self,
+        fn: Function,
+        delivery: Delivery,
+        event: Event,
+        run_id: str,
+        *,
+        seq: int,
+        admission: Admission = _NOW,
     ) -> None:
         """Create a run and advance it here at once; or queue it (a future ``ts``, a throttle),
         or record it skipped (a rate limit, a singleton)."""
         now = now_ms()
         not_before = max(event.ts, admission.start_at)
         queued = not_before > now
-        record = RunRecord(
-            id=run_id,
+        record = new_run(
+            run_id,
             app=fn.app_id,
-            function=fn.full_id,
             fn=fn.id,
-            status=RunStatus.QUEUED if queued else RunStatus.RUNNING,
             events=[event],
-            created_at=now,
-            updated_at=now,
+            now=now,
+            status=RunStatus.QUEUED if queued else RunStatus.RUNNING,
             started_at=None if queued else now,
             lease=None if queued else Lease(worker=self.id, until=now + self.lease_ms),
             failure_of=event.data.get("run_id") if fn.failure_of else None,
@@ -141,11 +143,11 @@ class Triggers:
             )
         rev = await self.store.create_run(record)
         if rev is None:  # claimed before: a resent or redelivered event
-            await self._resume(fn, msg, await self.store.get_run(run_id), rmsg=None)
+            await self.passes.resume(fn, delivery, TRIGGER, run_id)
             return
         if admission.skip is not None:
             log.info("run skipped", run_id=run_id, function=fn.full_id, reason=admission.skip)
-            await msg.ack()
+            await delivery.ack()
             return
         if admission.replaces is not None:
             with contextlib.suppress(RunNotFoundError):
@@ -153,43 +155,29 @@ class Triggers:
                 await request_cancel(self.store, self.bus, admission.replaces, reason)
         cancelled = await self.life.arm(fn, record)
         if queued or cancelled:
-            await msg.ack()
+            await delivery.ack()
             return
         if record.status is RunStatus.QUEUED:  # waits for a concurrency slot
-            await self._resume(fn, msg, (record, rev), rmsg=None)
+            await self.passes.resume(fn, delivery, TRIGGER, run_id, (record, rev))
             return
         await self.bus.announce_start(fn)
-        await self._advance(fn, msg, Holder(record, rev), memos={}, rmsg=None)
+        await self.passes.advance(fn, delivery, TRIGGER, Ownership(record, rev), memos={}, before=record)
 
-    async def _on_cron(self, fn: Function, msg: Any, rmsg: RunMessage) -> None:
+    async def on_cron(self, fn: Function, delivery: Delivery, rmsg: RunMessage) -> None:
         """A cron tick fired: arm the next one, then start the tick's run (one per tick: its id
         derives from the tick, so a second message or a second worker finds it claimed)."""
         ckey, _, tick_text = rmsg.key.partition(":")
         cron = next((c for c in fn.crons if cron_key(c) == ckey), None)
         if cron is None or not tick_text.isdigit():  # a cron the function no longer has
-            await msg.ack()
+            await delivery.ack()
             return
         tick = int(tick_text)
         await self.bus.schedule_cron(fn, ckey, cron.next_after(max(tick, now_ms())))
         data = {"cron": cron.source, "tick": rfc3339(from_ms(tick))}
-        event = Event(name=EVENT_CRON, id=f"cron:{fn.full_id}:{ckey}:{tick}", data=data, ts=tick)
-        await self._start_run(fn, msg, event, run_id_for(fn.full_id, event.id, tick), seq=0)
+        event = Event(name=EVENT_CRON, id=cron_event_id(fn.full_id, ckey, tick), data=data, ts=tick)
+        await self._start_run(fn, delivery, event, run_id_for(fn.full_id, event.id, tick), seq=0)
 
 
 def cron_key(cron: Cron) -> str:
     """A short stable id of a cron trigger: names its schedule, and keys its ticks' runs."""
     return hashlib.sha1(cron.source.encode(), usedforsecurity=False).hexdigest()[:12]
-
-
-class Holder:
-    """The lease holder's latest view of the run record and its revision (and the concurrency
-    slots the pass holds)."""
-
-    __slots__ = ("owner", "record", "rev", "slots", "step_slots")
-
-    def __init__(self, record: RunRecord, rev: int, slots: list[Slot] | None = None, owner: str = "") -> None:
-        self.record = record
-        self.rev = rev
-        self.slots = slots or []
-        self.owner = owner
-        self.step_slots: StepSlots | None = None  # extra slots for steps executing side by side

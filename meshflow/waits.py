@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
 
-from .events import Event
+from .durations import parse_duration, to_ms
+from .errors import ConfigError, EventError
+from .events import Event, validate_event_name
 from .expressions import Expression, compile_expression, compile_match, lookup, match_key
 from .names import Names
-from .runs import WaitSpec
+from .runs import StepKind, StepMemo, WaitSpec
 
 
 class Waiter(msgspec.Struct, frozen=True, kw_only=True):
@@ -131,3 +134,69 @@ def accepts(spec: WaitSpec, trigger: Event | None, event: Event) -> bool:
         }
         return expr.test(bindings)
     return True
+
+
+def wait_spec(
+    spec: tuple[object, object, object],
+    *,
+    trigger: Event,
+    seq: int,
+    created_at: int,
+    memos: Iterable[StepMemo],
+    now: int,
+    lookback: object,
+    since: object,
+    what: str,
+) -> WaitSpec:
+    """The window and match of one event a ``wait_for_event`` accepts: ``(name, match, if_)``
+    checked (`ConfigError` naming ``what``), the trigger's match value hashed, and the window
+    opened after the run's trigger (stream ``seq``), or by time (``lookback``, ``since="wait"``),
+    and after the last event of that name the run took (its WAIT ``memos``).
+    """
+    name, match, condition = spec
+    try:
+        validate_event_name(name)
+    except EventError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    assert isinstance(name, str)
+    token: str | None = None
+    if match is not None:
+        compile_match(match, what=what)  # a bad path is the user's error, named here
+        token = match_token(msgspec.to_builtins(trigger), str(match))
+    if condition is not None:
+        compile_expression(condition, variables=("event", "async"), what=f"{what} if_")
+    if since not in ("trigger", "wait"):
+        raise ConfigError(f"{what}: since must be 'trigger' (the default) or 'wait', got {since!r}")
+    back = None if lookback is None else to_ms(parse_duration(lookback, what=f"{what} lookback"))  # type: ignore[arg-type]
+    floor_seq, floor_time = 0, 0
+    if since == "wait":
+        floor_time = now
+    else:
+        if seq > 0 and lookback is None:
+            floor_seq = seq
+        else:
+            floor_time = created_at or now
+        if back is not None:
+            floor_time = max(0, floor_time - back)
+        # never the same event twice: after the last one this run took under this name
+        taken = [m.seq for m in memos if m.kind is StepKind.WAIT and m.seq > 0 and _name_of(m) == name]
+        if taken:
+            floor_seq, floor_time = max(max(taken), floor_seq), 0
+    return WaitSpec(
+        event=name,
+        match=match if isinstance(match, str) else None,
+        match_token=token,
+        if_=condition if isinstance(condition, str) else None,
+        floor_seq=floor_seq,
+        floor_time=floor_time,
+        not_seq=seq if floor_seq == 0 else 0,  # a time window must not take the trigger
+    )
+
+
+def _name_of(memo: StepMemo) -> str:
+    """The event name a WAIT memo took ("" for a timeout)."""
+    try:
+        data = msgspec.json.decode(memo.output)
+    except msgspec.DecodeError:
+        return ""
+    return str(data.get("name", "")) if isinstance(data, dict) else ""

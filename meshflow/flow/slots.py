@@ -22,6 +22,7 @@ from ..bus import Bus, RunMessage
 from ..durations import now_ms
 from ..errors import ExpressionError, NatsError
 from ..functions import Function
+from ..names import slot_wake_id
 from ..runs import RunRecord
 from ..store import Store
 from . import concurrency
@@ -166,7 +167,7 @@ class Slots:
         record = found[0]
         message = RunMessage(run_id=run_id, reason="slot")
         await self.bus.publish_run(
-            record.app, record.fn, message, msg_id=f"{run_id}:slot:{secrets.token_hex(4)}"
+            record.app, record.fn, message, msg_id=slot_wake_id(run_id, secrets.token_hex(4))
         )
 
     def _ttl(self) -> int:

@@ -21,6 +21,7 @@ from ..durations import now_ms
 from ..errors import NatsError
 from ..events import Event, encode_event
 from ..functions import Function
+from ..names import batch_full_id
 from ..runs import RunRecord, RunStatus, encode_record
 from ..store import RunConflict, Store
 from . import batching, debounce
@@ -160,7 +161,7 @@ class Windows:
         """Move the window's start: a new timer (replacing the old), or start a full batch now."""
         if record.not_before <= now_ms():
             start = RunMessage(run_id=record.id, reason="start")
-            await self.bus.publish_run(fn.app_id, fn.id, start, msg_id=f"{record.id}:full")
+            await self.bus.publish_run(fn.app_id, fn.id, start, msg_id=batch_full_id(record.id))
         else:
             await self.bus.schedule(fn, record.id, "start", record.not_before)
 

@@ -187,7 +187,7 @@ async def test_a_nats_server_restart_mid_run_loses_no_acknowledged_event(
             await wait_until(lambda: client._bus.nc.is_connected, timeout=20, message="client reconnected")
             await client.send(after)
             runs = [await client.wait_for_run(multi.run_id_for(e), timeout=60) for e in before + after]
-            assert worker.nc.is_connected
+            assert worker.bus.connected
     finally:
         server.stop()
 

@@ -225,7 +225,7 @@ async def test_a_client_without_a_certificate_is_refused_at_once_saying_why(mutu
     started = time.monotonic()
     with pytest.raises(meshflow.NatsError, match=r"cannot connect to NATS.*(?i:certificate)"):
         await meshflow.connect(mutual_tls.server.url, auth=only_ca)
-    # not taken for a server that is not up yet, which is retried for 30 s (bus.CONNECT_WAIT)
+    # not taken for a server that is not up yet, which is retried for 30 s (connection.CONNECT_WAIT)
     assert time.monotonic() - started < 20
 
 

@@ -110,7 +110,7 @@ async def test_a_long_sleep_is_visible_and_holds_no_ack_pending_slot(
             names.runs_stream, names.run_consumer("hibernate", "long-nap")
         )
         assert info.num_ack_pending == 0
-        assert not worker._tasks  # no coroutine is kept for the sleeping run
+        assert not worker.inflight.tasks  # no coroutine is kept for the sleeping run
 
 
 async def test_a_step_longer_than_the_ack_wait_is_not_handed_to_another_worker(

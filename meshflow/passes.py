@@ -1,0 +1,470 @@
+"""One pass of one run, whatever woke it: take the run, replay it, write what came of it, ack.
+
+Every pass goes one way (``docs/architecture.md``, "the life of a pass"):
+
+    resume ── triage ──┬── take: slots, then the lease (compare-and-set on the record)
+                       │     └── advance: engine ⇄ open waits and children; heartbeat meanwhile
+                       │           └── settle (pure) ── carry out ── ack
+                       └── ack, nak, emit again or time out, without running anything
+
+A run message, the event a trigger claimed a run for, and a local timer's wake all take it; a
+local timer's delivery has no message, and its nak hands the wake to the stream instead.
+
+Carrying out a settlement, in the order that makes a crash at any point safe:
+
+- suspended: the new timers, then the record, then the tidying; a crash before the record only
+  makes a sleep longer, never shorter (the redelivery arms everything again);
+- ended: the record and the finished events at the same time (a crash between them leaves the
+  message unacked, and its redelivery finds the ended record and emits again, deduplicated by the
+  events' ids), then the tidying;
+- then the ack. A pass that fails half way leaves its message for redelivery.
+
+Only one pass advances a run at a time. Other workers are kept out by the lease in the record
+(taken by compare-and-set, renewed by the heartbeat every third of the ack wait); a second message
+for a run this worker advances now is kept out by `Passes.active`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import structlog
+
+from . import replay
+from .bus import Bus, Delivery, RunMessage
+from .durations import now_ms
+from .errors import MeshflowError, NatsError
+from .events import Event, encode_event
+from .flow.slots import Slot, Slots, StepSlots
+from .functions import Function
+from .inflight import InFlight
+from .lifecycle import Lifecycle
+from .names import HDR_MSG_ID, cancel_message_id, timer_wake_id
+from .router import Router
+from .runs import (
+    NEVER,
+    Lease,
+    Pending,
+    PendingKind,
+    RunRecord,
+    RunStatus,
+    StepMemo,
+    finished_events,
+    transition,
+)
+from .settle import (
+    PassFacts,
+    Settlement,
+    Triage,
+    Wake,
+    opened_before,
+    settle,
+    to_open,
+    triage,
+)
+from .store import RunConflict, Store
+from .timers import LocalTimers
+
+log = structlog.get_logger("meshflow.worker")
+
+_WRITE_ATTEMPTS = 10
+
+
+class StoreEffects:
+    """The engine's effects: committing memos to the steps bucket, sending events."""
+
+    def __init__(self, store: Store, bus: Bus, run_id: str, memos: dict[str, StepMemo]) -> None:
+        self.store = store
+        self.bus = bus
+        self.run_id = run_id
+        self.memos = dict(memos)  # what is committed now: the pass's memos plus its commits
+
+    async def commit(self, memo: StepMemo) -> StepMemo:
+        stored = await self.store.commit_memo(self.run_id, memo)
+        self.memos[stored.hash] = stored
+        return stored
+
+    async def send(self, events: Sequence[Event], msg_ids: Sequence[str]) -> None:
+        subject = self.bus.names.event_subject
+        await self.bus.publish_many(
+            [
+                (subject(e.name), encode_event(e), {HDR_MSG_ID: m})
+                for e, m in zip(events, msg_ids, strict=True)
+            ]
+        )
+
+
+class Ownership:
+    """What a pass holds of its run: the record as last written under its lease, that write's
+    revision (every write of the pass is a compare-and-set on it), and its concurrency slots."""
+
+    __slots__ = ("owner", "record", "rev", "slots", "step_slots")
+
+    def __init__(self, record: RunRecord, rev: int, slots: list[Slot] | None = None, owner: str = "") -> None:
+        self.record = record
+        self.rev = rev
+        self.slots = slots or []
+        self.owner = owner
+        self.step_slots: StepSlots | None = None  # extra slots for steps executing side by side
+
+
+class Passes:
+    """Runs the passes of the runs a worker serves."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        ack_wait: float,
+        store: Store,
+        bus: Bus,
+        router: Router,
+        life: Lifecycle,
+        slots: Slots,
+        inflight: InFlight,
+    ) -> None:
+        self.worker_id = worker_id
+        self.ack_wait = ack_wait
+        self.lease_ms = int(ack_wait * 1000)
+        self.store = store
+        self.bus = bus
+        self.router = router
+        self.life = life
+        self.slots = slots
+        self.inflight = inflight
+        self.timers = LocalTimers()
+        # Runs this worker is advancing now. The lease keeps other workers out; this keeps out a
+        # second message for the same run here (a timer's twin, two parallel sleeps waking).
+        self.active: set[str] = set()
+        # Runs of ours asked to stop (core message): the engine checks before each new step.
+        self._cancel_signals: set[str] = set()
+
+    def signal_cancel(self, run_id: str) -> None:
+        """Run ``run_id`` was asked to stop: if a pass of it runs here, it stops before its next step."""
+        if run_id in self.active:
+            self._cancel_signals.add(run_id)
+
+    # --- resume: is there anything to do? -------------------------------------------------------
+    async def resume(
+        self,
+        fn: Function,
+        delivery: Delivery,
+        wake: Wake,
+        run_id: str,
+        found: tuple[RunRecord, int] | None = None,
+        memos: dict[str, StepMemo] | None = None,
+    ) -> None:
+        """Advance run ``run_id`` (as ``found``, else read now) if ``wake`` gives it anything to do."""
+        got = found or await self.store.get_run(run_id)
+        record, rev = got if got is not None else (None, 0)
+        now = now_ms()
+        what = triage(
+            record,
+            wake,
+            now=now,
+            worker=self.worker_id,
+            redelivered=delivery.redelivered,
+            busy_here=run_id in self.active,
+        )
+        if what is Triage.ADVANCE:
+            assert record is not None
+            await self._take(fn, delivery, wake, record, rev, memos)
+            return
+        if what is Triage.BUSY:
+            await delivery.nak(delay=0.25)  # being advanced right now; look again shortly
+            return
+        if what is Triage.UNKNOWN:
+            log.warning("run message for an unknown run", run_id=run_id, function=fn.full_id)
+        elif what is Triage.EMIT_AGAIN:  # we may have died between writing the record and emitting
+            assert record is not None
+            await self._emit(record, _finished_events(fn, record))
+        elif what is Triage.TIMED_OUT:
+            assert record is not None
+            await self.life.timed_out(record, wake.key)
+        await delivery.ack()
+
+    async def _take(
+        self,
+        fn: Function,
+        delivery: Delivery,
+        wake: Wake,
+        record: RunRecord,
+        rev: int,
+        memos: dict[str, StepMemo] | None,
+    ) -> None:
+        """Take the run's concurrency slots (if its function has any) and its lease, then advance it."""
+        slots: list[Slot] = []
+        owner = ""
+        if fn.flow.concurrency and record.cancel is None:
+            taken = await self.slots.acquire(fn, record)
+            if taken is None:  # every slot of its key is busy: it waits (never dropped)
+                await delivery.nak(delay=_slot_backoff(delivery.delivered))
+                return
+            slots, owner = taken
+        leased = self.leased(record, now_ms())
+        if not record.armed:  # created elsewhere (an invoke, a replay): set up its timeouts now
+            leased = msgspec.structs.replace(leased, armed=True)
+        try:
+            rev = await self.store.update_run(leased, rev)
+        except RunConflict:
+            await self.slots.release(slots, owner)
+            await delivery.nak(delay=0.05)
+            return
+        if record.started_at is None:  # its first pass: a queued, invoked or replayed run starts
+            await self.bus.announce_start(fn)
+        if not record.armed and await self.life.arm(fn, leased, starting=True):
+            await self.slots.release(slots, owner)
+            await delivery.ack()  # cancelled by an event already sent; the cancel message ends it
+            return
+        own = Ownership(leased, rev, slots, owner)
+        await self.advance(fn, delivery, wake, own, memos=memos, before=record)
+
+    def leased(self, record: RunRecord, now: int) -> RunRecord:
+        """``record`` running under this worker's lease, to be written by compare-and-set."""
+        return transition(
+            record,
+            RunStatus.RUNNING,
+            lease=Lease(worker=self.worker_id, until=now + self.lease_ms),
+            started_at=record.started_at or now,
+            updated_at=now,
+        )
+
+    # --- advance: one pass ------------------------------------------------------------------------
+    async def advance(
+        self,
+        fn: Function,
+        delivery: Delivery,
+        wake: Wake,
+        own: Ownership,
+        *,
+        memos: dict[str, StepMemo] | None,
+        before: RunRecord,
+    ) -> None:
+        """Replay the leased run, write what came of it, then ack the delivery."""
+        run_id = own.record.id
+        if run_id in self.active:  # claimed by a pass of ours since we read it
+            await delivery.nak(delay=0.25)
+            return
+        self.active.add(run_id)
+        try:
+            outcome, effects = await self._run(fn, delivery, own, memos, before)
+            facts = PassFacts(now=now_ms(), wake=wake, redelivered=delivery.redelivered, memos=effects.memos)
+            await self._carry_out(fn, own, settle(fn, before, own.record, outcome, facts), effects.memos)
+            await delivery.ack()
+        finally:
+            self.active.discard(run_id)
+            self._cancel_signals.discard(run_id)
+            if own.slots:
+                with contextlib.suppress(MeshflowError):  # unreleased, they expire with the lease
+                    await self.slots.release(own.slots, own.owner)
+
+    async def _run(
+        self,
+        fn: Function,
+        delivery: Delivery,
+        own: Ownership,
+        memos: dict[str, StepMemo] | None,
+        before: RunRecord,
+    ) -> tuple[replay.Outcome, StoreEffects]:
+        """The engine, again at once while a wait it suspends on is satisfied already."""
+        record = own.record
+        if memos is None:
+            memos = await self.store.load_memos(record.id)
+        effects = StoreEffects(self.store, self.bus, record.id, memos)
+        opened = opened_before(before, delivery.redelivered)
+        pending, failures, attempt = record.pending, record.step_failures, record.attempt
+        if own.slots:
+            own.step_slots = StepSlots(self.slots, fn, record, own.owner)
+        beat = asyncio.create_task(self._heartbeat(delivery, own))
+        outcome: replay.Outcome = replay.Cancelled()
+        try:
+            while record.cancel is None:
+                outcome = await replay.execute(
+                    replay.Activation(
+                        function=fn,
+                        run_id=record.id,
+                        events=record.events,
+                        attempt=attempt,
+                        memos=effects.memos,
+                        pending=pending,
+                        step_failures=failures,
+                        seq=record.seq,
+                        created_at=record.created_at,
+                        cancelled=lambda: record.id in self._cancel_signals,
+                        step_slot=own.step_slots.executing if own.step_slots else None,
+                    ),
+                    effects,
+                )
+                # A wait an event already satisfies, or an invoke that cannot start: go on at once.
+                if not isinstance(outcome, replay.Suspended) or not await self._open(
+                    record, outcome.pending, opened, effects
+                ):
+                    break
+                pending, failures, attempt = outcome.pending, outcome.step_failures, outcome.attempt
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+        return outcome, effects
+
+    async def _open(
+        self, record: RunRecord, pending: list[Pending], opened: set[str], effects: StoreEffects
+    ) -> bool:
+        """Register new waits and start new child runs; True if one of them is resolved already."""
+        resolved = False
+        for item in to_open(pending, opened):
+            opened.add(item.key)
+            if item.kind is PendingKind.WAIT:
+                memo = await self.router.open_wait(record, item)
+            else:
+                memo = await self.life.start_child(record, item)
+            if memo is not None:
+                effects.memos[memo.hash] = memo
+                resolved = True
+        return resolved
+
+    async def _heartbeat(self, delivery: Delivery, own: Ownership) -> None:
+        """While a long pass runs: keep the message from redelivery and renew the lease."""
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            with contextlib.suppress(MeshflowError):
+                await delivery.in_progress()
+            renewed = self.leased(own.record, now_ms())
+            if own.slots:
+                with contextlib.suppress(MeshflowError):
+                    await self.slots.renew(own.slots, own.owner)
+                    if own.step_slots is not None:
+                        await own.step_slots.renew()
+            try:
+                own.rev = await self.store.update_run(renewed, own.rev)
+                own.record = renewed
+            except RunConflict:  # written by someone else: a cancel request, most likely
+                with contextlib.suppress(NatsError):
+                    got = await self.store.get_run(own.record.id)
+                    if got is not None and got[0].lease is not None and got[0].lease.worker == self.worker_id:
+                        own.record, own.rev = got
+                        if got[0].cancel is not None:
+                            self._cancel_signals.add(own.record.id)
+            except NatsError:
+                pass
+
+    # --- carrying out a settlement ----------------------------------------------------------------
+    async def _carry_out(
+        self, fn: Function, own: Ownership, settled: Settlement, memos: dict[str, StepMemo]
+    ) -> None:
+        run = settled.record
+        if settled.ended:
+            await asyncio.gather(self._emit(run, settled.emit), self._write(own, run))
+        else:
+            for item in settled.arm:
+                await self.bus.schedule(fn, run.id, item.key, item.until)
+            await self._write(own, run)
+        await self._tidy(fn, run, settled)
+        if not settled.ended:
+            armed = [item for item in settled.arm if self._arm_local(fn, run.id, item.key, item.until)]
+            if armed and own.record is run:
+                self.timers.keep_warm(run, own.rev, memos)
+        _log_outcome(run)
+
+    async def _emit(self, run: RunRecord, events: list[Event]) -> None:
+        """A run's finished events; for an invoked run, its parent's step resolved too."""
+        await self.bus.publish_many(
+            [(self.bus.names.event_subject(e.name), encode_event(e), {HDR_MSG_ID: e.id}) for e in events]
+        )
+        if run.parent is not None:
+            await self.life.notify_parent(run)
+
+    async def _tidy(self, fn: Function, run: RunRecord, settled: Settlement) -> None:
+        """Waits, timers and cancel_on waiters the run no longer needs. Best effort: whatever is
+        left finds the item no longer pending (or the run ended) and is dropped then."""
+        for item in settled.forget_waits:
+            with contextlib.suppress(NatsError):
+                await self.router.forget(run.id, item)
+        for key in settled.drop_timers:
+            with contextlib.suppress(NatsError):
+                await self.bus.cancel_timer(run.id, key)
+        if settled.forget_cancels:
+            with contextlib.suppress(NatsError):
+                await self.router.forget_cancels(fn, run)
+
+    async def _write(self, own: Ownership, final: RunRecord) -> None:
+        """Write the pass's record by compare-and-set, merging a cancel request that came meanwhile."""
+        for _ in range(_WRITE_ATTEMPTS):
+            try:
+                own.rev = await self.store.update_run(final, own.rev)
+                own.record = final
+                return
+            except RunConflict:
+                got = await self.store.get_run(final.id)
+                if got is None:
+                    return
+                current, own.rev = got
+                if current.status.terminal or (
+                    current.lease is not None and current.lease.worker != self.worker_id
+                ):
+                    return  # finished, or taken over by another worker after our lease lapsed
+                if current.cancel is not None and final.cancel is None:
+                    final = msgspec.structs.replace(final, cancel=current.cancel)
+                    if not final.status.terminal:  # asked to stop as this pass ended: a pass to do it
+                        nudge = RunMessage(run_id=final.id, reason="cancel")
+                        await self.bus.publish_run(
+                            final.app, final.fn, nudge, msg_id=cancel_message_id(final.id, own.rev)
+                        )
+        raise NatsError(
+            f"run {final.id}: could not write its record after {_WRITE_ATTEMPTS} conflicting updates"
+        )
+
+    # --- local timers ---------------------------------------------------------------------------
+    def _arm_local(self, fn: Function, run_id: str, key: str, until: int) -> bool:
+        """A timer in this worker for a near deadline (the durable schedule stays armed): when it
+        fires, the run's pass starts from the state this worker wrote, without a message."""
+
+        def fire() -> None:
+            message = RunMessage(run_id=run_id, reason="timer", key=key)
+
+            async def to_stream() -> None:  # the pass could not start here: the stream's way
+                try:
+                    await self.bus.publish_run(
+                        fn.app_id, fn.id, message, msg_id=timer_wake_id(run_id, key, until)
+                    )
+                except MeshflowError as exc:  # the durable schedule will still fire
+                    log.warning("local timer could not wake the run", run_id=run_id, error=str(exc))
+
+            delivery = Delivery.local(self.bus.names.run_subject(fn.app_id, fn.id), to_stream)
+            warm = self.timers.take_warm(run_id)
+            found = (warm.record, warm.revision) if warm is not None else None
+
+            async def wake(d: Delivery) -> None:
+                await self.resume(fn, d, Wake("timer", key), run_id, found, warm.memos if warm else None)
+
+            self.inflight.spawn(f"timer {fn.full_id}", delivery, wake)
+
+        return self.timers.arm(run_id, key, until, fire)
+
+
+def _finished_events(fn: Function, record: RunRecord) -> list[Event]:
+    return finished_events(record, handles_failures=fn.failure_of is not None)
+
+
+def _slot_backoff(tries: int) -> float:
+    """How long a run waiting for a concurrency slot waits before it asks again: 50 ms, doubling
+    with each try to 2 s, jittered so waiting runs do not ask in lockstep."""
+    delay: float = min(0.05 * 2 ** min(tries - 1, 6), 2.0) * (0.5 + random.random())  # noqa: S311 - jitter
+    return delay
+
+
+def _log_outcome(run: RunRecord) -> None:
+    fields: dict[str, Any] = {"run_id": run.id, "function": run.function}
+    if run.status is RunStatus.COMPLETED:
+        log.info("run completed", duration_ms=(run.ended_at or 0) - (run.started_at or 0), **fields)
+    elif run.status is RunStatus.FAILED:
+        err = run.error
+        log.warning("run failed", error=f"{err.type}: {err.message}" if err else None, **fields)
+    else:
+        until = min(p.until for p in run.pending) if run.pending else NEVER
+        log.info(f"run {run.status}", resumes_in_ms=until - now_ms() if until < NEVER else None, **fields)
