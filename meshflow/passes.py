@@ -176,6 +176,7 @@ class Passes:
             await self._take(fn, delivery, wake, record, rev, memos)
             return
         if what is Triage.BUSY:
+            log.debug("run busy; looked at again shortly", run_id=run_id, source=delivery.source)
             await delivery.nak(delay=0.25)  # being advanced right now; look again shortly
             return
         if what is Triage.UNKNOWN:

@@ -201,6 +201,7 @@ class StepSlots:
         extra_owner = f"{self._owner}.x{self._count}"
         extra = await self._slots.try_extra(self._fn, self._record, extra_owner)
         if extra is None:
+            log.debug("step waits for its pass's concurrency slot", run_id=self._record.id)
             async with self._own:
                 yield
             return

@@ -7,6 +7,8 @@ import asyncio
 from collections import defaultdict
 from pathlib import Path
 
+from structlog.testing import capture_logs
+
 import meshflow
 from meshflow.server import EmbeddedServer
 from meshflow.testing import wait_until
@@ -111,7 +113,8 @@ async def test_steps_a_run_awaits_together_each_take_a_slot_while_slots_are_free
     async def busy(name: str) -> str:
         executing[0] += 1
         most[0] = max(most[0], executing[0])
-        await asyncio.sleep(0.05)  # long enough for a third step to start beside them, if it could
+        # hold every step until one has been told to wait: the first two then execute side by side
+        await wait_until(lambda: waited(logs), timeout=20, message="a step waits for a slot")
         executing[0] -= 1
         return name
 
@@ -121,9 +124,16 @@ async def test_steps_a_run_awaits_together_each_take_a_slot_while_slots_are_free
         done = await asyncio.gather(*(ctx.step.run(n, busy, n) for n in "cde"))
         return [*met, *done]
 
-    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
-        event = meshflow.Event(name="parallel/go")
-        await client.send(event)
-        run = await client.wait_for_run(fan.run_id_for(event), timeout=30)
+    with capture_logs() as logs:
+        async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+            event = meshflow.Event(name="parallel/go")
+            await client.send(event)
+            run = await client.wait_for_run(fan.run_id_for(event), timeout=60)
     assert run.output == ["a", "b", "c", "d", "e"]
-    assert most[0] <= 2  # the limit: the third waits for a slot
+    assert most[0] == 2  # the limit: the third waited for a slot
+    assert waited(logs) == 1
+
+
+def waited(logs: list[dict[str, object]]) -> int:
+    """How many steps were told to wait for their pass's concurrency slot."""
+    return sum(1 for entry in logs if entry["event"] == "step waits for its pass's concurrency slot")

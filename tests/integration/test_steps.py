@@ -6,6 +6,8 @@ import asyncio
 import time
 from collections import Counter
 
+from structlog.testing import capture_logs
+
 import meshflow
 from meshflow.server import EmbeddedServer
 from meshflow.testing import wait_until
@@ -150,7 +152,13 @@ async def test_parallel_sleeps_waking_together_run_the_next_step_once(
 
     def slow_after(run_id: str) -> str:
         after[run_id] += 1
-        time.sleep(0.3)  # long enough for the twin wake messages to arrive meanwhile
+        # held until a twin wake of this run has arrived and been told the run is busy
+        deadline = time.monotonic() + 20
+        while not any(
+            e["event"] == "run busy; looked at again shortly" and e["run_id"] == run_id for e in logs
+        ):
+            assert time.monotonic() < deadline, f"no twin wake of run {run_id} came"
+            time.sleep(0.01)
         return "after"
 
     @app.function("twins", trigger="twins/go")
@@ -158,10 +166,11 @@ async def test_parallel_sleeps_waking_together_run_the_next_step_once(
         await asyncio.gather(ctx.step.sleep("left", "1s"), ctx.step.sleep("right", "1s"))
         return str(await ctx.step.run("after", slow_after, ctx.run_id))
 
-    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
-        events = [meshflow.Event(name="twins/go") for _ in range(10)]
-        await client.send(events)
-        runs = [await client.wait_for_run(twins.run_id_for(e)) for e in events]
+    with capture_logs() as logs:
+        async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+            events = [meshflow.Event(name="twins/go") for _ in range(10)]
+            await client.send(events)
+            runs = [await client.wait_for_run(twins.run_id_for(e)) for e in events]
 
     assert [r.output for r in runs] == ["after"] * 10
     assert all(after[r.id] == 1 for r in runs), after

@@ -37,6 +37,7 @@ from meshflow.runs import (
     StepStatus,
     WaitSpec,
 )
+from meshflow.testing import MemoryEffects
 
 from .history_functions import FUNCTIONS
 
@@ -45,21 +46,6 @@ T0 = 1_795_000_000_000  # a fixed "now" (epoch ms)
 RUN_ID = "run-1"
 HOUR = 3_600_000
 DAY = 24 * HOUR
-
-
-class Effects:
-    """Records what a replay commits and sends; every commit is the first for its hash."""
-
-    def __init__(self) -> None:
-        self.committed: list[StepMemo] = []
-        self.sent: list[tuple[list[Event], list[str]]] = []
-
-    async def commit(self, memo: StepMemo) -> StepMemo:
-        self.committed.append(memo)
-        return memo
-
-    async def send(self, events: Sequence[Event], msg_ids: Sequence[str]) -> None:
-        self.sent.append((list(events), list(msg_ids)))
 
 
 def done(step_id: str, value: Any, *, n: int = 0, kind: StepKind = StepKind.RUN, seq: int = 0) -> StepMemo:
@@ -305,7 +291,7 @@ async def record(name: str, case: dict[str, Any]) -> dict[str, Any]:
     return history
 
 
-async def replay_pass(history: dict[str, Any], effects: Effects) -> replay.Outcome:
+async def replay_pass(history: dict[str, Any], effects: MemoryEffects) -> replay.Outcome:
     """Run one engine pass over a recorded history, as a worker would hand it over."""
     from meshflow.runs import decode_memo
 
@@ -332,7 +318,7 @@ async def replay_pass(history: dict[str, Any], effects: Effects) -> replay.Outco
     )
 
 
-def describe(outcome: replay.Outcome, effects: Effects) -> dict[str, Any]:
+def describe(outcome: replay.Outcome, effects: MemoryEffects) -> dict[str, Any]:
     """What came of a replay: the part the test compares.
 
     Keys and row fields that only the newer step kinds produce (a wait's floors, an invoke's
@@ -341,7 +327,7 @@ def describe(outcome: replay.Outcome, effects: Effects) -> dict[str, Any]:
     """
     described: dict[str, Any] = {
         "outcome": type(outcome).__name__,
-        "committed": [_committed_row(m) for m in effects.committed],
+        "committed": [_committed_row(m) for m in effects.commits],
     }
     if effects.sent:
         described["sent"] = [[[e.id for e in events], msg_ids] for events, msg_ids in effects.sent]
@@ -371,7 +357,7 @@ def _committed_row(memo: StepMemo) -> list[Any]:
 
 async def replay_history(history: dict[str, Any]) -> dict[str, Any]:
     """Replay a recorded history and describe what came of it."""
-    effects = Effects()
+    effects = MemoryEffects()
     return describe(await replay_pass(history, effects), effects)
 
 

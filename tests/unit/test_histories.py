@@ -15,8 +15,9 @@ import pytest
 
 from meshflow.replay import Completed
 from meshflow.runs import StepKind
+from meshflow.testing import MemoryEffects
 
-from .record_histories import CASES, Effects, replay_history, replay_pass
+from .record_histories import CASES, replay_history, replay_pass
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 WITH_A_SEND_MEMO = [
@@ -37,10 +38,10 @@ async def test_a_recorded_history_replays_to_the_same_outcome(path: Path) -> Non
 @pytest.mark.parametrize("path", WITH_A_SEND_MEMO, ids=[p.stem for p in WITH_A_SEND_MEMO])
 async def test_a_recorded_send_event_is_not_sent_again_when_its_run_replays(path: Path) -> None:
     history = json.loads(path.read_text())  # noqa: ASYNC240 - a small fixture file, read once
-    effects = Effects()
+    effects = MemoryEffects()
 
     outcome = await replay_pass(history, effects)
 
     assert isinstance(outcome, Completed)
     assert effects.sent == []
-    assert StepKind.SEND not in {m.kind for m in effects.committed}
+    assert StepKind.SEND not in {m.kind for m in effects.commits}

@@ -1,9 +1,9 @@
 """The replay engine (`meshflow.replay`): each rule of its module docstring, defended without a server.
 
-Runs are driven the way a worker drives them: an in-memory step store where the first commit of a
-hash wins, and a fake clock. When a pass suspends, the clock jumps to the earliest wake time and
-the next pass gets what the last one left (pending items, step failures, the function's attempt).
-Nothing here sleeps for real.
+Runs are driven the way a worker drives them, with ``meshflow.testing``'s `EngineRun`: an in-memory
+step store where the first commit of a hash wins, and a fake clock. When a pass suspends, the
+clock jumps to the earliest wake time and the next pass gets what the last one left (pending
+items, step failures, the function's attempt). Nothing here sleeps for real.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from meshflow.durations import from_ms
 from meshflow.errors import NonRetriableError, RetryAfterError, StepError
 from meshflow.events import Event
 from meshflow.flow.config import Concurrency
-from meshflow.functions import App, Function
+from meshflow.functions import App
 from meshflow.ids import step_hash
 from meshflow.replay import Activation, Completed, Failed, Outcome, Suspended, execute
 from meshflow.retries import Retry
 from meshflow.runs import ErrorInfo, Pending, PendingKind, StepKind, StepMemo, StepStatus
 from meshflow.steps import Context
+from meshflow.testing import EngineRun, wait_until
 
 T0 = 1_700_000_000_000  # where the fake clock starts, epoch ms
 SECOND = 1_000
@@ -38,79 +39,11 @@ FAST = Retry(retries=3, backoff=("1s", "2s"))  # short backoffs keep the expecte
 # --- the world around the engine -------------------------------------------------------------
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
-class MemoryEffects:
-    """The steps bucket in memory: a commit under a hash that already has a memo returns that memo."""
-
-    def __init__(self, memos: dict[str, StepMemo] | None = None) -> None:
-        self.memos: dict[str, StepMemo] = dict(memos or {})
-        self.commits: list[StepMemo] = []
-
-    async def commit(self, memo: StepMemo) -> StepMemo:
-        self.commits.append(memo)
-        return self.memos.setdefault(memo.hash, memo)
-
-
 @dataclasses.dataclass
-class Run:
-    """One run as a worker keeps it between passes."""
+class Run(EngineRun):
+    """A run of these tests: its triggering event is ``t/e`` at the clock's start."""
 
-    function: Function
-    memos: dataclasses.InitVar[dict[str, StepMemo] | None] = None
     event: Event = dataclasses.field(default_factory=lambda: Event(name="t/e", data={"n": 1}, ts=T0))
-    clock: Clock = dataclasses.field(default_factory=Clock)
-    effects: MemoryEffects = dataclasses.field(init=False)
-    attempt: int = 0
-    pending: list[Pending] = dataclasses.field(default_factory=list)
-    step_failures: dict[str, int] = dataclasses.field(default_factory=dict)
-    outcomes: list[Outcome] = dataclasses.field(default_factory=list)
-
-    def __post_init__(self, memos: dict[str, StepMemo] | None) -> None:
-        self.effects = MemoryEffects(memos)
-
-    @property
-    def committed(self) -> list[str]:
-        """The step ids committed so far, in commit order."""
-        return [memo.id for memo in self.effects.commits]
-
-    async def advance(self) -> Outcome:
-        """One pass: what a worker does when the run's message arrives."""
-        activation = Activation(
-            function=self.function,
-            run_id="run-1",
-            events=[self.event],
-            attempt=self.attempt,
-            memos=dict(self.effects.memos),
-            pending=list(self.pending),
-            step_failures=dict(self.step_failures),
-            clock=self.clock,
-            random=lambda: 0.0,  # no jitter: backoff times are exactly the table's
-        )
-        outcome = await execute(activation, self.effects)
-        self.outcomes.append(outcome)
-        if isinstance(outcome, Suspended):
-            self.pending = outcome.pending
-            self.step_failures = outcome.step_failures
-            self.attempt = outcome.attempt
-        return outcome
-
-    async def finish(self, *, max_passes: int = 30) -> Completed | Failed:
-        """Advance pass after pass, waking at each earliest `until`, until the run ends."""
-        for _ in range(max_passes):
-            outcome = await self.advance()
-            if not isinstance(outcome, Suspended):
-                return outcome
-            self.clock.now = max(self.clock.now, min(p.until for p in outcome.pending))
-        raise AssertionError(f"the run did not end in {max_passes} passes: {self.outcomes}")
 
 
 def output(outcome: Outcome) -> Any:
@@ -420,17 +353,24 @@ async def test_steps_awaited_together_with_gather_run_concurrently_in_one_pass(a
 async def test_under_a_concurrency_limit_steps_awaited_together_run_one_at_a_time(app: App) -> None:
     executing: list[int] = [0]
     most: list[int] = [0]
+    asked: set[str] = set()
 
     async def step(name: str) -> str:
         executing[0] += 1
         most[0] = max(most[0], executing[0])
-        await asyncio.sleep(0.01)  # gives the other branch every chance to start meanwhile
+        # Every branch asks for its step before this one ends: an ask goes on, without yielding,
+        # to where the step waits for its slot, so the others are waiting there now (or running).
+        await wait_until(lambda: asked == set("abc"), timeout=5, message="every branch asked")
         executing[0] -= 1
         return name
 
+    async def ask(ctx: Context, name: str) -> str:
+        asked.add(name)
+        return str(await ctx.step.run(name, step, name))
+
     @app.function("f", trigger="t/e", retries=0, concurrency=Concurrency(limit=5))
     async def f(ctx: Context) -> list[str]:
-        return list(await asyncio.gather(*(ctx.step.run(n, step, n) for n in "abc")))
+        return list(await asyncio.gather(*(ask(ctx, n) for n in "abc")))
 
     run = Run(f)
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 import pytest
 
 import meshflow
-from meshflow import App, ConfigError, Context, Event, Function, StepError, WaitFor
+from meshflow import App, ConfigError, Context, Event, StepError, WaitFor
 from meshflow.expressions import match_key
 from meshflow.ids import is_ulid, step_hash
-from meshflow.replay import Activation, Completed, Failed, Outcome, Suspended, execute
+from meshflow.replay import Completed, Failed, Outcome, Suspended
 from meshflow.runs import (
     NEVER,
     NULL,
@@ -36,6 +36,7 @@ from meshflow.runs import (
     decode_memo,
     encode_record,
 )
+from meshflow.testing import EngineRun, FakeClock
 
 T0 = 1_700_000_000_000  # where the fake clock starts, epoch ms
 SECOND = 1_000
@@ -52,36 +53,6 @@ CANCELLED = "shop/order.cancelled"
 # --- the world around the engine -------------------------------------------------------------
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
-class MemoryEffects:
-    """The steps bucket and the events stream in memory.
-
-    A commit under a hash that already has a memo returns that memo (first writer wins); every
-    send is recorded with its message ids.
-    """
-
-    def __init__(self, memos: dict[str, StepMemo] | None = None) -> None:
-        self.memos: dict[str, StepMemo] = dict(memos or {})
-        self.commits: list[StepMemo] = []
-        self.sent: list[tuple[list[Event], list[str]]] = []
-
-    async def commit(self, memo: StepMemo) -> StepMemo:
-        self.commits.append(memo)
-        return self.memos.setdefault(memo.hash, memo)
-
-    async def send(self, events: Sequence[Event], msg_ids: Sequence[str]) -> None:
-        self.sent.append((list(events), list(msg_ids)))
-
-
 def trigger() -> Event:
     return Event(
         name="shop/order.placed",
@@ -92,48 +63,12 @@ def trigger() -> Event:
 
 
 @dataclasses.dataclass
-class Run:
-    """One run as a worker keeps it between passes."""
+class Run(EngineRun):
+    """A run of these tests: triggered by ``trigger()`` from the events stream, a minute ago."""
 
-    function: Function
-    memos: dataclasses.InitVar[dict[str, StepMemo] | None] = None
     event: Event = dataclasses.field(default_factory=trigger)
-    clock: Clock = dataclasses.field(default_factory=Clock)
     seq: int = SEQ
     created_at: int = CREATED
-    run_id: str = "run-1"
-    effects: MemoryEffects = dataclasses.field(init=False)
-    pending: list[Pending] = dataclasses.field(default_factory=list)
-    step_failures: dict[str, int] = dataclasses.field(default_factory=dict)
-    attempt: int = 0
-
-    def __post_init__(self, memos: dict[str, StepMemo] | None) -> None:
-        self.effects = MemoryEffects(memos)
-
-    def activation(self) -> Activation:
-        """What a worker hands the engine when the run's message arrives."""
-        return Activation(
-            function=self.function,
-            run_id=self.run_id,
-            events=[self.event],
-            attempt=self.attempt,
-            memos=dict(self.effects.memos),
-            pending=list(self.pending),
-            step_failures=dict(self.step_failures),
-            clock=self.clock,
-            random=lambda: 0.0,
-            seq=self.seq,
-            created_at=self.created_at,
-        )
-
-    async def advance(self, activation: Activation | None = None) -> Outcome:
-        """One pass; what it leaves (pending items, failures) is kept for the next."""
-        outcome = await execute(activation or self.activation(), self.effects)
-        if isinstance(outcome, Suspended):
-            self.pending = outcome.pending
-            self.step_failures = outcome.step_failures
-            self.attempt = outcome.attempt
-        return outcome
 
 
 def output(outcome: Outcome) -> Any:
@@ -256,7 +191,7 @@ async def test_since_wait_accepts_only_events_sent_after_the_wait_began(app: App
     async def f(ctx: Context) -> None:
         await ctx.step.wait_for_event("payment", event=PAID, timeout="1h", since="wait")
 
-    outcome = await Run(f, clock=Clock(T0 + 5 * MINUTE)).advance()
+    outcome = await Run(f, clock=FakeClock(T0 + 5 * MINUTE)).advance()
 
     [spec] = only_pending(outcome).waits
     assert (spec.floor_seq, spec.floor_time) == (0, T0 + 5 * MINUTE)
