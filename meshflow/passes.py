@@ -48,13 +48,14 @@ from .names import HDR_MSG_ID, cancel_message_id, timer_wake_id
 from .router import Router
 from .runs import (
     NEVER,
-    Lease,
     Pending,
     PendingKind,
     RunRecord,
     RunStatus,
+    StepKind,
     StepMemo,
     finished_events,
+    new_lease,
     transition,
 )
 from .settle import (
@@ -73,20 +74,32 @@ from .timers import LocalTimers
 log = structlog.get_logger("meshflow.worker")
 
 _WRITE_ATTEMPTS = 10
+#: Step kinds a pass executes itself (the others are resolved by routers, children, timeouts).
+_EXECUTED = frozenset({StepKind.RUN, StepKind.SEND})
 
 
 class StoreEffects:
-    """The engine's effects: committing memos to the steps bucket, sending events."""
+    """The engine's effects: committing memos to the steps bucket, sending events.
 
-    def __init__(self, store: Store, bus: Bus, run_id: str, memos: dict[str, StepMemo]) -> None:
+    A commit goes through even when the pass has just lost its run (a step that was running may
+    finish: its result is kept if no other pass committed one), then the fence stops the pass.
+    A commit that finds another pass's result for a step this pass executed asks the store
+    whether the run is still this pass's before it goes on.
+    """
+
+    def __init__(self, store: Store, bus: Bus, own: Ownership, memos: dict[str, StepMemo]) -> None:
         self.store = store
         self.bus = bus
-        self.run_id = run_id
+        self.own = own
+        self.run_id = own.record.id
         self.memos = dict(memos)  # what is committed now: the pass's memos plus its commits
 
     async def commit(self, memo: StepMemo) -> StepMemo:
         stored = await self.store.commit_memo(self.run_id, memo)
         self.memos[stored.hash] = stored
+        if stored is not memo and memo.kind in _EXECUTED:
+            await self.own.renew()  # someone else ran this step too: is the run still ours?
+        await self.own.fence()
         return stored
 
     async def send(self, events: Sequence[Event], msg_ids: Sequence[str]) -> None:
@@ -99,18 +112,94 @@ class StoreEffects:
         )
 
 
+class RunLost(Exception):
+    """The pass no longer holds its run: another pass took the run over after this one's lease
+    ran out (a stalled worker), or the run ended. The pass stops at once. Never leaves the worker."""
+
+
 class Ownership:
-    """What a pass holds of its run: the record as last written under its lease, that write's
-    revision (every write of the pass is a compare-and-set on it), and its concurrency slots."""
+    """What a pass holds of its run, and the fence that keeps a pass that lost it from acting.
 
-    __slots__ = ("owner", "record", "rev", "slots", "step_slots")
+    The pass holds the record as last written under its lease and that write's revision; every
+    write of the record is a compare-and-set on that revision, and the lease's ``token`` tells
+    this pass's lease from another's. `fence` is asked before each step runs, before each commit
+    goes on and before the pass writes its outcome: it costs nothing while the lease is in date
+    by a third of its length (the heartbeat renews it every third), and one compare-and-set (a
+    renewal) when it is nearer its end than that, which happens after a stall (a GC or swap pause,
+    a stopped process). A renewal that finds another pass's token, or an ended run, loses the
+    run: from then on the fence raises `RunLost`.
+    """
 
-    def __init__(self, record: RunRecord, rev: int, slots: list[Slot] | None = None, owner: str = "") -> None:
+    __slots__ = ("_lost", "_renewing", "_store", "lease_ms", "owner", "record", "rev", "slots", "step_slots")
+
+    def __init__(
+        self,
+        store: Store,
+        record: RunRecord,
+        rev: int,
+        *,
+        lease_ms: int,
+        slots: list[Slot] | None = None,
+        owner: str = "",
+    ) -> None:
+        assert record.lease is not None, record.id
+        self._store = store
         self.record = record
         self.rev = rev
+        self.lease_ms = lease_ms
         self.slots = slots or []
         self.owner = owner
         self.step_slots: StepSlots | None = None  # extra slots for steps executing side by side
+        self._lost = False
+        self._renewing = asyncio.Lock()
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
+    @property
+    def token(self) -> str:
+        lease = self.record.lease
+        return lease.token if lease is not None else ""
+
+    def holds(self, record: RunRecord) -> bool:
+        """Whether ``record`` (read from the store) is still under this pass's lease."""
+        return not record.status.terminal and record.lease is not None and record.lease.token == self.token
+
+    def lose(self) -> None:
+        self._lost = True
+
+    async def fence(self) -> None:
+        """Raise `RunLost` unless this pass still holds its run (renewing a lease near its end)."""
+        lease = self.record.lease
+        if not self._lost and (lease is None or now_ms() + self.lease_ms // 3 >= lease.until):
+            await self.renew()
+        if self._lost:
+            raise RunLost(f"run {self.record.id}: another pass holds it now")
+
+    async def renew(self) -> None:
+        """Extend the lease by compare-and-set; a cancel request written meanwhile is adopted, a
+        write by another pass loses the run. NATS errors leave everything as it was."""
+        async with self._renewing:
+            lease = self.record.lease
+            if self._lost or lease is None:
+                return
+            now = now_ms()
+            renewed = transition(
+                self.record,
+                RunStatus.RUNNING,
+                lease=msgspec.structs.replace(lease, until=now + self.lease_ms),
+                updated_at=now,
+            )
+            try:
+                self.rev = await self._store.update_run(renewed, self.rev)
+                self.record = renewed
+            except RunConflict:  # written by someone else: a cancel request, or another pass
+                got = await self._store.get_run(self.record.id)
+                if got is None or not self.holds(got[0]):
+                    self._lost = True
+                else:
+                    self.record, self.rev = got
 
 
 class Passes:
@@ -143,6 +232,7 @@ class Passes:
         self.active: set[str] = set()
         # Runs of ours asked to stop (core message): the engine checks before each new step.
         self._cancel_signals: set[str] = set()
+        self.abandoned = 0  # passes that stopped because another pass took their run over
 
     def signal_cancel(self, run_id: str) -> None:
         """Run ``run_id`` was asked to stop: if a pass of it runs here, it stops before its next step."""
@@ -222,7 +312,7 @@ class Passes:
             await self.slots.release(slots, owner)
             await delivery.ack()  # cancelled by an event already sent; the cancel message ends it
             return
-        own = Ownership(leased, rev, slots, owner)
+        own = Ownership(self.store, leased, rev, lease_ms=self.lease_ms, slots=slots, owner=owner)
         await self.advance(fn, delivery, wake, own, memos=memos, before=record)
 
     def leased(self, record: RunRecord, now: int) -> RunRecord:
@@ -230,7 +320,7 @@ class Passes:
         return transition(
             record,
             RunStatus.RUNNING,
-            lease=Lease(worker=self.worker_id, until=now + self.lease_ms),
+            lease=new_lease(self.worker_id, now, self.lease_ms),
             started_at=record.started_at or now,
             updated_at=now,
         )
@@ -257,6 +347,9 @@ class Passes:
             facts = PassFacts(now=now_ms(), wake=wake, redelivered=delivery.redelivered, memos=effects.memos)
             await self._carry_out(fn, own, settle(fn, before, own.record, outcome, facts), effects.memos)
             await delivery.ack()
+        except RunLost:  # another pass holds the run: this one writes, acks and naks nothing more
+            self.abandoned += 1
+            log.info("pass abandoned: another pass holds the run", run_id=run_id, function=fn.full_id)
         finally:
             self.active.discard(run_id)
             self._cancel_signals.discard(run_id)
@@ -276,7 +369,7 @@ class Passes:
         record = own.record
         if memos is None:
             memos = await self.store.load_memos(record.id)
-        effects = StoreEffects(self.store, self.bus, record.id, memos)
+        effects = StoreEffects(self.store, self.bus, own, memos)
         opened = opened_before(before, delivery.redelivered)
         pending, failures, attempt = record.pending, record.step_failures, record.attempt
         if own.slots:
@@ -297,6 +390,7 @@ class Passes:
                         seq=record.seq,
                         created_at=record.created_at,
                         cancelled=lambda: record.id in self._cancel_signals,
+                        fence=own.fence,
                         step_slot=own.step_slots.executing if own.step_slots else None,
                     ),
                     effects,
@@ -330,35 +424,30 @@ class Passes:
         return resolved
 
     async def _heartbeat(self, delivery: Delivery, own: Ownership) -> None:
-        """While a long pass runs: keep the message from redelivery and renew the lease."""
+        """While a long pass runs: keep the message from redelivery and renew the lease, until the
+        pass loses its run (then the message is another pass's to settle)."""
         while True:
             await asyncio.sleep(self.ack_wait / 3)
+            if own.lost:
+                return
             with contextlib.suppress(MeshflowError):
                 await delivery.in_progress()
-            renewed = self.leased(own.record, now_ms())
             if own.slots:
                 with contextlib.suppress(MeshflowError):
                     await self.slots.renew(own.slots, own.owner)
                     if own.step_slots is not None:
                         await own.step_slots.renew()
-            try:
-                own.rev = await self.store.update_run(renewed, own.rev)
-                own.record = renewed
-            except RunConflict:  # written by someone else: a cancel request, most likely
-                with contextlib.suppress(NatsError):
-                    got = await self.store.get_run(own.record.id)
-                    if got is not None and got[0].lease is not None and got[0].lease.worker == self.worker_id:
-                        own.record, own.rev = got
-                        if got[0].cancel is not None:
-                            self._cancel_signals.add(own.record.id)
-            except NatsError:
-                pass
+            with contextlib.suppress(NatsError):
+                await own.renew()
+            if own.record.cancel is not None:
+                self._cancel_signals.add(own.record.id)
 
     # --- carrying out a settlement ----------------------------------------------------------------
     async def _carry_out(
         self, fn: Function, own: Ownership, settled: Settlement, memos: dict[str, StepMemo]
     ) -> None:
         run = settled.record
+        await own.fence()  # a pass that lost its run writes nothing of it
         if settled.ended:
             await asyncio.gather(self._emit(run, settled.emit), self._write(own, run))
         else:
@@ -403,12 +492,12 @@ class Passes:
             except RunConflict:
                 got = await self.store.get_run(final.id)
                 if got is None:
-                    return
+                    own.lose()
+                    raise RunLost(f"run {final.id}: it was deleted") from None
                 current, own.rev = got
-                if current.status.terminal or (
-                    current.lease is not None and current.lease.worker != self.worker_id
-                ):
-                    return  # finished, or taken over by another worker after our lease lapsed
+                if not own.holds(current):  # ended, or taken over by another pass after our lease lapsed
+                    own.lose()
+                    raise RunLost(f"run {final.id}: another pass holds it now") from None
                 if current.cancel is not None and final.cancel is None:
                     final = msgspec.structs.replace(final, cancel=current.cancel)
                     if not final.status.terminal:  # asked to stop as this pass ended: a pass to do it

@@ -108,6 +108,10 @@ class Activation:
     seq: int = 0  # the triggering event's events-stream sequence (0: not from the stream)
     created_at: int = 0  # when the run was created, epoch ms
     cancelled: Callable[[], bool] = lambda: False  # asked before each new step
+    # Awaited before a step's handler runs and before events are sent: raises when the pass no
+    # longer holds its run (another pass took it over), which abandons the pass like a failed
+    # commit does. None: nothing to check.
+    fence: Callable[[], Awaitable[None]] | None = None
     # Entered around each step's execution when the function has a concurrency limit: holds a
     # slot for the step (the worker's takes an extra slot per step executing beside another).
     # None: one step at a time, on the slot the pass holds.
@@ -206,6 +210,11 @@ class _Pass:
             self.bump()
             raise _Abort from exc
 
+    async def fenced(self) -> None:
+        """Go on only while the pass holds its run (`Activation.fence`); else abandon the pass."""
+        if self.act.fence is not None:
+            await self.effect(self.act.fence())
+
     async def park(self, item: Pending) -> NoReturn:
         self.parked[item.key] = item
         self.bump()
@@ -276,16 +285,20 @@ class _Pass:
             memo: StepMemo | None = None
             try:
                 if self.step_slot is None:
+                    await self.fenced()
                     value = await self._call(step_id, handler, args)
                 else:
                     async with self.step_slot():
+                        await self.fenced()
                         started = self.act.clock()
                         value = await self._call(step_id, handler, args)
                 output = encode_value(value, what=f"step {step_id!r}")
             except BaseException as exc:
                 task = asyncio.current_task()
-                if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
-                    raise  # the pass (or the worker) is being cancelled: not the step's failure
+                if isinstance(exc, _Abort) or (
+                    isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling()
+                ):
+                    raise  # the pass is abandoned or cancelled (the worker stops): not the step's failure
                 now = self.act.clock()
                 if not never_retried(exc) and attempts_left(policy, failures + 1):
                     until = now + retry_delay_ms(exc, policy, failures + 1, now, self.act.random())
@@ -489,6 +502,7 @@ class _Pass:
             self.bump()
             try:
                 started = self.act.clock()
+                await self.fenced()
                 # A pass re-executed after a crash sends the same message ids: the stream drops them.
                 await self.effect(
                     self.effects.send(
@@ -554,7 +568,8 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
     """Advance one run as far as it can go now. Never raises for anything the user's code does.
 
     Raises only `asyncio.CancelledError` (the worker is stopping) and errors of ``effects``
-    (NATS is unreachable), which leave the run to be retried from its last commit.
+    (NATS is unreachable) or of ``Activation.fence`` (the pass lost its run), which leave the run
+    to be resumed from its last commit.
     """
     engine = _Pass(act, effects)
     base = act.logger if act.logger is not None else structlog.get_logger("meshflow.run")

@@ -11,6 +11,7 @@ never run again.
 
 from __future__ import annotations
 
+import secrets
 import traceback as tb
 from enum import StrEnum
 from typing import Any
@@ -205,10 +206,20 @@ class CancelInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
-    """A worker executing a run holds it until ``until`` (epoch ms) unless it renews the lease."""
+    """A pass executing a run holds it until ``until`` (epoch ms) unless it renews the lease.
+
+    ``token`` names the pass (a new one for every pass): a pass that finds another token in the
+    record has lost the run to that pass and stops (``meshflow.passes``).
+    """
 
     worker: str
     until: int
+    token: str = ""
+
+
+def new_lease(worker: str, now: int, lease_ms: int) -> Lease:
+    """A lease for a new pass of ``worker``: its own token, good for ``lease_ms`` from ``now``."""
+    return Lease(worker=worker, until=now + lease_ms, token=secrets.token_hex(8))
 
 
 class RunRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -157,4 +157,3 @@ class EngineRun:
                 raise AssertionError(f"the run stopped: {outcome}")
             self.clock.now = max(self.clock.now, min(p.until for p in outcome.pending))
         raise AssertionError(f"the run did not end in {max_passes} passes: {self.outcomes}")
-

@@ -29,7 +29,7 @@ from .ids import run_id_for
 from .lifecycle import Lifecycle
 from .names import EVENT_CRON, cron_event_id
 from .passes import Ownership, Passes
-from .runs import ErrorInfo, Lease, RunStatus, new_run
+from .runs import ErrorInfo, RunStatus, new_lease, new_run
 from .settle import TRIGGER
 from .store import Store
 
@@ -122,7 +122,7 @@ class Triggers:
             now=now,
             status=RunStatus.QUEUED if queued else RunStatus.RUNNING,
             started_at=None if queued else now,
-            lease=None if queued else Lease(worker=self.id, until=now + self.lease_ms),
+            lease=None if queued else new_lease(self.id, now, self.lease_ms),
             failure_of=event.data.get("run_id") if fn.failure_of else None,
             seq=seq,
             not_before=not_before if queued else 0,
@@ -161,7 +161,8 @@ class Triggers:
             await self.passes.resume(fn, delivery, TRIGGER, run_id, (record, rev))
             return
         await self.bus.announce_start(fn)
-        await self.passes.advance(fn, delivery, TRIGGER, Ownership(record, rev), memos={}, before=record)
+        own = Ownership(self.store, record, rev, lease_ms=self.lease_ms)
+        await self.passes.advance(fn, delivery, TRIGGER, own, memos={}, before=record)
 
     async def on_cron(self, fn: Function, delivery: Delivery, rmsg: RunMessage) -> None:
         """A cron tick fired: arm the next one, then start the tick's run (one per tick: its id
