@@ -35,6 +35,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from .connection import close_nats
 from .durations import epoch_ms, from_ms, rfc3339
 from .errors import EventError, NatsError
 from .functions import Function
@@ -54,6 +55,7 @@ from .requests import (
     ApiError,
     PubAck,
     Requester,
+    TooLarge,
     retry_pauses,
 )
 
@@ -296,10 +298,7 @@ class Bus:
 
     async def close(self) -> None:
         """Flush what is buffered (for up to 5 s) and close the connection."""
-        with contextlib.suppress(*NATS_ERRORS):
-            await self.nc.flush(timeout=5)
-        with contextlib.suppress(*NATS_ERRORS):
-            await self.nc.close()
+        await close_nats(self.nc)
 
     async def ensure_streams(self, *, replicas: int = 1) -> None:
         """Create the events and runs streams if missing (idempotent, safe to race)."""
@@ -489,12 +488,11 @@ class Bus:
         Each window has its own ack timeout and retry deadline, so a large list to a slow
         (fsync-every-write) server makes progress instead of timing out as a whole.
         """
-        too_big = next((len(p) for _, p, _ in items if len(p) > self.max_payload), None)
-        if too_big is not None:
-            raise EventError(
-                f"a message of {too_big} bytes is larger than the server's max_payload "
-                f"({self.max_payload} bytes); nothing was sent"
-            )
+        try:
+            for subject, payload, headers in items:
+                self.requests.check_size(subject, payload, headers)
+        except TooLarge as exc:
+            raise EventError(f"{exc}; nothing was sent") from None
         results: list[Any] = []
         for start in range(0, len(items), PUBLISH_WINDOW):
             results.extend(await self._publish_window(items[start : start + PUBLISH_WINDOW]))

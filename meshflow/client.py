@@ -24,8 +24,16 @@ from .codec import decode_value
 from .connection import NatsAuth, open_nats
 from .cron import parse_cron
 from .durations import epoch_ms, from_ms, now_ms
-from .errors import EventError, MeshflowError, RunNotFoundError, RunTimeoutError
-from .events import Event, decode_event, encode_event, validate_event_name
+from .errors import MeshflowError, RunNotFoundError, RunTimeoutError
+from .events import (
+    Event,
+    check_event_size,
+    decode_event,
+    decode_stored_event,
+    encode_event,
+    event_limit,
+    validate_event_name,
+)
 from .ids import is_ulid, run_id_for, ulid_time_ms
 from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names, kv_stream, kv_subject
 from .requests import NATS_ERRORS
@@ -142,13 +150,10 @@ class Client:
         """
         batch = [events] if isinstance(events, Event) else list(events)
         items: list[tuple[str, bytes, dict[str, str] | None]] = []
+        limit = event_limit(self._bus.max_payload)
         for event in batch:
             payload = encode_event(event)
-            if len(payload) > self._bus.max_payload:
-                raise EventError(
-                    f"event {event.name!r} (id {event.id}) is {len(payload)} bytes, over the server's "
-                    f"max_payload of {self._bus.max_payload} bytes; nothing was sent"
-                )
+            check_event_size(event, len(payload), limit)
             items.append((self.names.event_subject(event.name), payload, {HDR_MSG_ID: event.id}))
         await self._bus.publish_many(items)
         return [e.id for e in batch]
@@ -312,7 +317,7 @@ class Client:
             keep=keep,
             budget=budget,
         )
-        return [await self._view(decode_run(data), steps=False) for _, data in found], cursor
+        return [await self._view(decode_run(data), steps=False) for _, data, _ in found], cursor
 
     async def list_events(
         self, *, before: int | None = None, limit: int = 50, name: str | None = None
@@ -324,14 +329,19 @@ class Client:
         found, cursor = await self._store.newest(
             self.names.events_stream, subject, before=before, want=limit, budget=max(limit * 4, 1000)
         )
-        return [(seq, decode_event(data)) for seq, data in found], cursor
+        return [(seq, self._stored_event(data, seq, at)) for seq, data, at in found], cursor
 
     async def get_event(self, seq: int) -> Event | None:
         """The event stored at this sequence of the events stream, or None."""
         found, _ = await self._store.newest(
             self.names.events_stream, self.names.events_subjects, before=seq + 1, want=1, budget=1
         )
-        return decode_event(found[0][1]) if found and found[0][0] == seq else None
+        if not found or found[0][0] != seq:
+            return None
+        return self._stored_event(found[0][1], seq, found[0][2])
+
+    def _stored_event(self, data: bytes, seq: int, stored_ms: int) -> Event:
+        return decode_stored_event(data, stream=self.names.events_stream, seq=seq, stored_ms=stored_ms)
 
     async def workers(self) -> list[WorkerInfo]:
         """The workers running now (each announces itself every 10 s)."""

@@ -26,15 +26,23 @@ _encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 _any_decoder = msgspec.json.Decoder()
 
 
-def encode_value(value: Any, *, what: str) -> msgspec.Raw:
-    """Encode ``value`` as JSON, or raise `SerializationError` naming ``what`` (a step, a run)."""
+def encode_value(value: Any, *, what: str, limit: int | None = None) -> msgspec.Raw:
+    """Encode ``value`` as JSON, or raise `SerializationError` naming ``what`` (a step, a run),
+    also when its JSON is over ``limit`` bytes (what one stored record may hold)."""
     try:
-        return msgspec.Raw(_encoder.encode(value))
+        raw = _encoder.encode(value)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:  # RecursionError: a cycle
         raise SerializationError(
             f"{what} returned a value meshflow cannot store as JSON ({exc}); return JSON data, "
             "a msgspec Struct, a dataclass or a pydantic model"
         ) from None
+    if limit is not None and len(raw) > limit:
+        raise SerializationError(
+            f"{what} returned {len(raw)} bytes of JSON, more than one stored value may hold "
+            f"({limit} bytes: the NATS server's max_payload less room for the record around it); "
+            "store large data elsewhere and return a reference to it"
+        )
+    return msgspec.Raw(raw)
 
 
 def decode_value(raw: msgspec.Raw | bytes | None, type: Any = None) -> Any:

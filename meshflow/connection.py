@@ -16,7 +16,7 @@ import os
 import re
 import ssl
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -139,10 +139,13 @@ async def open_nats(
     name: str = "meshflow",
     auth: NatsAuth | None = None,
     wait: float = CONNECT_WAIT,
+    on_closed: Callable[[str], Awaitable[None]] | None = None,
 ) -> NatsClient:
     """Connect to NATS; once connected, reconnect forever when the server restarts.
 
     A server that is not up yet is retried for ``wait`` seconds; refused credentials fail at once.
+    A connection that closes for good anyway (the server refused something for which nats-py does
+    not reconnect) calls ``on_closed`` with the reason, unless it was closed on purpose.
     """
     urls = [servers] if isinstance(servers, str) else list(servers)
     options = (auth or NatsAuth()).options()
@@ -167,6 +170,18 @@ async def open_nats(
             if _refused(exc):
                 refusal.set()
 
+    async def closed() -> None:
+        nc = client[0] if client else None
+        if (
+            connected
+            and on_closed is not None
+            and nc is not None
+            and not getattr(nc, "_meshflow_closing", False)
+        ):
+            await on_closed(repr(nc.last_error) if nc.last_error else "closed by the server")
+
+    client: list[NatsClient] = []
+
     async def attempt() -> NatsClient:
         connecting = asyncio.ensure_future(
             nats.connect(
@@ -177,6 +192,7 @@ async def open_nats(
                 connect_timeout=5,
                 allow_reconnect=True,
                 error_cb=on_error,
+                closed_cb=closed,
                 **options,
             )
         )
@@ -206,8 +222,18 @@ async def open_nats(
             await asyncio.sleep(0.5)
             continue
         connected = True
+        client.append(nc)
         nc.options["max_reconnect_attempts"] = -1
         return nc
+
+
+async def close_nats(nc: NatsClient) -> None:
+    """Flush what is buffered (for up to 5 s) and close the connection, on purpose."""
+    nc._meshflow_closing = True  # type: ignore[attr-defined]
+    with contextlib.suppress(*NATS_ERRORS):
+        await nc.flush(timeout=5)
+    with contextlib.suppress(*NATS_ERRORS):
+        await nc.close()
 
 
 async def syncs_every_write(nc: NatsClient, monitor: str | None = None) -> bool | None:

@@ -39,15 +39,17 @@ from . import replay
 from .bus import Bus, Delivery, RunMessage
 from .durations import now_ms
 from .errors import MeshflowError, NatsError
-from .events import Event, encode_event
+from .events import Event, encode_event, event_limit
 from .flow.slots import Slot, Slots, StepSlots
 from .functions import Function
 from .inflight import InFlight
 from .lifecycle import Lifecycle
 from .names import HDR_MSG_ID, cancel_message_id, timer_wake_id
+from .requests import TooLarge
 from .router import Router
 from .runs import (
     NEVER,
+    ErrorInfo,
     Pending,
     PendingKind,
     RunRecord,
@@ -56,6 +58,7 @@ from .runs import (
     StepMemo,
     finished_events,
     new_lease,
+    record_limit,
     transition,
 )
 from .settle import (
@@ -74,6 +77,7 @@ from .timers import LocalTimers
 log = structlog.get_logger("meshflow.worker")
 
 _WRITE_ATTEMPTS = 10
+_EVENT_HEADERS_ROOM = 256  # an emitted event's Nats-Msg-Id header, and to spare
 #: Step kinds a pass executes itself (the others are resolved by routers, children, timeouts).
 _EXECUTED = frozenset({StepKind.RUN, StepKind.SEND})
 
@@ -273,7 +277,7 @@ class Passes:
             log.warning("run message for an unknown run", run_id=run_id, function=fn.full_id)
         elif what is Triage.EMIT_AGAIN:  # we may have died between writing the record and emitting
             assert record is not None
-            await self._emit(record, _finished_events(fn, record))
+            await self.emit_ended(fn, record)
         elif what is Triage.TIMED_OUT:
             assert record is not None
             await self.life.timed_out(record, wake.key)
@@ -343,9 +347,24 @@ class Passes:
             return
         self.active.add(run_id)
         try:
-            outcome, effects = await self._run(fn, delivery, own, memos, before)
-            facts = PassFacts(now=now_ms(), wake=wake, redelivered=delivery.redelivered, memos=effects.memos)
-            await self._carry_out(fn, own, settle(fn, before, own.record, outcome, facts), effects.memos)
+            try:
+                outcome, effects = await self._run(fn, delivery, own, memos, before)
+                memos = effects.memos
+            except TooLarge as exc:  # a value no retry could store: the run fails, saying so
+                error = ErrorInfo(
+                    type="SerializationError", message=f"{exc}: the run cannot go on", retriable=False
+                )
+                outcome, memos = replay.Failed(error=error), memos or {}
+            max_payload = self.bus.max_payload
+            facts = PassFacts(
+                now=now_ms(),
+                wake=wake,
+                redelivered=delivery.redelivered,
+                memos=memos,
+                max_record_bytes=record_limit(max_payload),
+                max_event_bytes=max_payload - _EVENT_HEADERS_ROOM,
+            )
+            await self._carry_out(fn, own, settle(fn, before, own.record, outcome, facts), memos)
             await delivery.ack()
         except RunLost:  # another pass holds the run: this one writes, acks and naks nothing more
             self.abandoned += 1
@@ -391,6 +410,7 @@ class Passes:
                         created_at=record.created_at,
                         cancelled=lambda: record.id in self._cancel_signals,
                         fence=own.fence,
+                        max_value_bytes=event_limit(self.bus.max_payload),
                         step_slot=own.step_slots.executing if own.step_slots else None,
                     ),
                     effects,
@@ -460,6 +480,12 @@ class Passes:
             if armed and own.record is run:
                 self.timers.keep_warm(run, own.rev, memos)
         _log_outcome(run)
+
+    async def emit_ended(self, fn: Function, run: RunRecord) -> None:
+        """An ended run's finished events (again: their ids make a second emit a no-op)."""
+        limit = self.bus.max_payload - _EVENT_HEADERS_ROOM
+        events = finished_events(run, handles_failures=fn.failure_of is not None, limit=limit)
+        await self._emit(run, events)
 
     async def _emit(self, run: RunRecord, events: list[Event]) -> None:
         """A run's finished events; for an invoked run, its parent's step resolved too."""
@@ -535,10 +561,6 @@ class Passes:
             self.inflight.spawn(f"timer {fn.full_id}", delivery, wake)
 
         return self.timers.arm(run_id, key, until, fire)
-
-
-def _finished_events(fn: Function, record: RunRecord) -> list[Event]:
-    return finished_events(record, handles_failures=fn.failure_of is not None)
 
 
 def _slot_backoff(tries: int) -> float:

@@ -112,6 +112,9 @@ class Activation:
     # longer holds its run (another pass took it over), which abandons the pass like a failed
     # commit does. None: nothing to check.
     fence: Callable[[], Awaitable[None]] | None = None
+    # The most JSON one step result, function output or sent event may hold (the server's
+    # max_payload less room for the record around it); None: no limit.
+    max_value_bytes: int | None = None
     # Entered around each step's execution when the function has a concurrency limit: holds a
     # slot for the step (the worker's takes an extra slot per step executing beside another).
     # None: one step at a time, on the slot the pass holds.
@@ -292,7 +295,7 @@ class _Pass:
                         await self.fenced()
                         started = self.act.clock()
                         value = await self._call(step_id, handler, args)
-                output = encode_value(value, what=f"step {step_id!r}")
+                output = encode_value(value, what=f"step {step_id!r}", limit=self.act.max_value_bytes)
             except BaseException as exc:
                 task = asyncio.current_task()
                 if isinstance(exc, _Abort) or (
@@ -496,7 +499,9 @@ class _Pass:
     async def send_step(self, step_id: str, events: object) -> list[str]:
         key, memo = self._new_step(step_id, StepKind.SEND)
         if memo is None:
-            batch = events_to_send(events, what=f"step {step_id!r}: send_event")
+            batch = events_to_send(
+                events, what=f"step {step_id!r}: send_event", limit=self.act.max_value_bytes
+            )
             ids = [event.id for event in batch]
             self.running += 1
             self.bump()
@@ -543,7 +548,8 @@ class _Pass:
             exc = exc.exc
         if exc is None:
             try:
-                return Completed(output=encode_value(task.result(), what="the function"))
+                limit = self.act.max_value_bytes
+                return Completed(output=encode_value(task.result(), what="the function", limit=limit))
             except SerializationError as err:
                 return Failed(error=error_info(err, retriable=False))
         policy = self.act.function.retry

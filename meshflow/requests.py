@@ -52,6 +52,33 @@ class ApiError(Exception):
 
 API_ERRORS: tuple[type[BaseException], ...] = (ApiError, *NATS_ERRORS)
 
+_HEADER_BLOCK = len(b"NATS/1.0\r\n\r\n")
+
+
+def message_size(payload: bytes, headers: dict[str, str] | None) -> int:
+    """The bytes a message counts against the server's ``max_payload``: its payload and its header
+    block as nats-py writes it (``NATS/1.0``, then ``Key: Value`` lines). Not its subject, which
+    the server limits separately. A message over the limit makes the server close the connection."""
+    if headers is None:
+        return len(payload)
+    return (
+        len(payload) + _HEADER_BLOCK + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    )
+
+
+class TooLarge(Exception):
+    """A message over the server's ``max_payload`` (payload and headers): refused here, before the
+    server would close the connection for it. No retry can help; it never leaves meshflow."""
+
+    def __init__(self, subject: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"a message of {size} bytes (payload and headers) on {subject} is over the NATS server's "
+            f"max_payload of {limit} bytes"
+        )
+        self.subject = subject
+        self.size = size
+        self.limit = limit
+
 
 class _ErrorBody(msgspec.Struct):
     code: int = 0
@@ -88,6 +115,12 @@ class Requester:
         self._batches: dict[str, tuple[list[tuple[dict[str, str], bytes]], asyncio.Future[None]]] = {}
         self._next = 0
         self._starting = asyncio.Lock()
+
+    def check_size(self, subject: str, payload: bytes, headers: dict[str, str] | None) -> None:
+        """`TooLarge` if the message is over the server's ``max_payload``."""
+        size = message_size(payload, headers)
+        if size > self.nc.max_payload:
+            raise TooLarge(subject, size, self.nc.max_payload)
 
     async def start(self) -> None:
         """Subscribe the reply inbox, once, however many first requests race to it."""
@@ -139,6 +172,7 @@ class Requester:
         timeout: float = 5.0,  # noqa: ASYNC109 - one timer handle per request, cheaper than a scope
     ) -> Any:
         """Send and wait for the reply message; `ApiError` for a status reply (e.g. 503)."""
+        self.check_size(subject, payload, headers)
         if not self._prefix:
             await self.start()
         self._next += 1
@@ -168,6 +202,8 @@ class Requester:
         No coroutine per message: the requests go out back to back and one gather waits for the
         replies, which is what lets a client ingest near the server's limit.
         """
+        for subject, payload, headers in items:  # none is sent if one is too large
+            self.check_size(subject, payload, headers)
         if not self._prefix:
             await self.start()
         loop = asyncio.get_running_loop()

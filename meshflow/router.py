@@ -28,7 +28,7 @@ from .bus import Bus, RunMessage
 from .control import request_cancel
 from .durations import now_ms
 from .errors import RunNotFoundError
-from .events import Event, decode_event
+from .events import Event, decode_stored_event, encode_event
 from .functions import Function
 from .names import Names, event_wake_id
 from .runs import NEVER, Pending, PendingKind, RunRecord, StepKind, StepMemo, StepStatus, WaitSpec
@@ -207,16 +207,16 @@ class Router:
                 page = await self.store.read_events(subject, after_seq=after, limit=_SCAN_BATCH)
             else:
                 page = await self.store.read_events(subject, since_ms=spec.floor_time, limit=_SCAN_BATCH)
-            for seq, raw in page:
+            for seq, stored_ms, raw in page:
                 after = seq
                 if seq == spec.not_seq:
                     continue
                 try:
-                    event = decode_event(raw)
+                    event = self._decode(raw, seq, stored_ms)
                 except msgspec.DecodeError:
                     continue
                 if accepts(spec, trigger, event):
-                    return (seq, raw), after
+                    return (seq, encode_event(event)), after
             if len(page) < _SCAN_BATCH:
                 return None, after
 
@@ -236,12 +236,16 @@ class Router:
         return await self.store.commit_memo(run_id, memo)
 
     # --- the router consumer's side: an event arrives -----------------------------------------
+    def _decode(self, raw: bytes, seq: int, stored_ms: int) -> Event:
+        return decode_stored_event(raw, stream=self.names.events_stream, seq=seq, stored_ms=stored_ms)
+
     async def route(self, raw: bytes, seq: int, stored_ms: int) -> int:
         """Resume every run waiting for this event; returns how many it resumed."""
         try:
-            event = decode_event(raw)
+            event = self._decode(raw, seq, stored_ms)
         except msgspec.DecodeError:
             return 0
+        raw = encode_event(event)  # what a wait takes: with the id and ts it was given here
         ntok = name_token(event.name)
         names = self.names
         found = await self.store.find_waits([names.wait_fields(ntok), names.wait_scans(ntok)])

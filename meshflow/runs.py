@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from .codec import decode_value
-from .events import Event
+from .events import Event, encode_event
 from .names import (
     EVENT_FUNCTION_CANCELLED,
     EVENT_FUNCTION_FAILED,
@@ -276,13 +276,69 @@ def safe_str(exc: BaseException) -> str:
         return f"<str() of {type(exc).__name__} raised {type(inner).__name__}>"
 
 
+#: What of an error is stored: the first 4 KiB of its message, the last 16 KiB of its traceback
+#: (where it was raised), each with a note of how much was cut.
+MAX_MESSAGE = 4 * 1024
+MAX_TRACEBACK = 16 * 1024
+
+
 def error_info(exc: BaseException, *, retriable: bool) -> ErrorInfo:
-    """Describe ``exc`` for storage, robust to exceptions whose ``__str__`` raises."""
+    """Describe ``exc`` for storage (bounded: `MAX_MESSAGE`, `MAX_TRACEBACK`), robust to exceptions
+    whose ``__str__`` raises."""
     try:
         trace = "".join(tb.format_exception(exc))
     except BaseException:  # format_exception calls __str__ too
         trace = "".join(tb.format_tb(exc.__traceback__))
-    return ErrorInfo(type=type(exc).__name__, message=safe_str(exc), traceback=trace, retriable=retriable)
+    message = safe_str(exc)
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[:MAX_MESSAGE]}… [{len(message) - MAX_MESSAGE} more characters cut]"
+    if len(trace) > MAX_TRACEBACK:
+        trace = f"[{len(trace) - MAX_TRACEBACK} characters cut]\n…{trace[-MAX_TRACEBACK:]}"
+    return ErrorInfo(type=type(exc).__name__, message=message, traceback=trace, retriable=retriable)
+
+
+def record_size(record: RunRecord | StepMemo) -> int:
+    """The bytes of a record as stored."""
+    return len(encode_record(record))
+
+
+#: What a record write leaves of the server's max_payload for its headers.
+KV_ROOM = 512
+
+
+def record_limit(max_payload: int) -> int:
+    """The largest record (encoded) a server with this ``max_payload`` stores."""
+    return max_payload - KV_ROOM
+
+
+def too_large_to_run(record: RunRecord, limit: int, now: int) -> RunRecord:
+    """A new run whose record cannot be stored (its events are too large): failed at once, saying
+    so, with its events' data left out (the events stay whole in the events stream)."""
+    size = record_size(record)
+    error = ErrorInfo(
+        type="EventError",
+        message=f"the run's record would be {size} bytes with its event(s), more than one record may "
+        f"hold ({limit} bytes: the NATS server's max_payload less room for its headers); send smaller "
+        "events (meshflow's client refuses events that leave no room for their runs)",
+        retriable=False,
+    )
+    return msgspec.structs.replace(
+        record,
+        status=RunStatus.FAILED,
+        events=[without_data(e) for e in record.events],
+        error=error,
+        lease=None,
+        started_at=None,
+        not_before=0,
+        ended_at=now,
+        updated_at=now,
+    )
+
+
+def without_data(event: Event) -> Event:
+    """``event`` with its data left out (it is too large for a run record): ``{"_omitted": N}``
+    holds how many bytes it had; the event stays whole in the events stream."""
+    return msgspec.structs.replace(event, data={"_omitted": len(encode_event(event))})
 
 
 _run_encoder = msgspec.json.Encoder()
@@ -302,23 +358,44 @@ def decode_memo(raw: bytes) -> StepMemo:
     return _memo_decoder.decode(raw)
 
 
-def finished_events(run: RunRecord, *, handles_failures: bool) -> list[Event]:
+def finished_events(run: RunRecord, *, handles_failures: bool, limit: int | None = None) -> list[Event]:
     """The events a run emits when it ends: ``meshflow/function.finished``, and for a failure
     ``meshflow/function.failed`` with the original event (which starts ``on_failure``).
 
     Their ids derive from the run, so emitting again after a crash is deduplicated. A failing
-    ``on_failure`` run emits no ``failed`` event of its own, so failures cannot cascade.
+    ``on_failure`` run emits no ``failed`` event of its own, so failures cannot cascade. An event
+    over ``limit`` bytes leaves out the run's output (``output_omitted``), then the original
+    event's data (``event_data_omitted``): both stay in the run's record.
     """
     data: dict[str, object] = {"function_id": run.function, "run_id": run.id, "status": str(run.status)}
     if run.status is RunStatus.COMPLETED:
         data["output"] = decode_value(run.output)
     if run.error is not None:
         data["error"] = msgspec.to_builtins(run.error)
-    events = [Event(name=EVENT_FUNCTION_FINISHED, id=finished_event_id(run.id), data=data)]
+    events = [_fitted(Event(name=EVENT_FUNCTION_FINISHED, id=finished_event_id(run.id), data=data), limit)]
     if run.status is RunStatus.FAILED and not handles_failures:
         failed = {**data, "event": msgspec.to_builtins(run.events[0])}
-        events.append(Event(name=EVENT_FUNCTION_FAILED, id=failed_event_id(run.id), data=failed))
+        events.append(
+            _fitted(Event(name=EVENT_FUNCTION_FAILED, id=failed_event_id(run.id), data=failed), limit)
+        )
     if run.status is RunStatus.CANCELLED:
         cancelled = {**data, "event": msgspec.to_builtins(run.events[0])}
-        events.append(Event(name=EVENT_FUNCTION_CANCELLED, id=cancelled_event_id(run.id), data=cancelled))
+        event = Event(name=EVENT_FUNCTION_CANCELLED, id=cancelled_event_id(run.id), data=cancelled)
+        events.append(_fitted(event, limit))
     return events
+
+
+def _fitted(event: Event, limit: int | None) -> Event:
+    """``event``, or, when it is over ``limit`` bytes, without the output and then without the
+    original event's data."""
+    if limit is None or len(encode_event(event)) <= limit:
+        return event
+    data = dict(event.data)
+    if "output" in data:
+        data["output"], data["output_omitted"] = None, True
+    if len(encode_event(msgspec.structs.replace(event, data=data))) > limit and isinstance(
+        data.get("event"), dict
+    ):
+        data["event"] = {**data["event"], "data": {}}
+        data["event_data_omitted"] = True
+    return msgspec.structs.replace(event, data=data)

@@ -20,7 +20,9 @@ Rules (``tests/unit/test_settle.py`` checks them as tables):
    timeout timer dropped.
 5. A run that ends emits its finished events (and notifies its parent); its cancel_on waiters and
    finish-timeout timer are dropped; a cancelled run's pending timers and waits are dropped too.
+   An event too large to emit leaves out the run's output, then the original event's data.
 6. Waits are registered and children started once each: again only after a redelivery.
+7. A record too large to store is never written: the run fails saying so.
 
 The pass releases its concurrency slots when it ends, whatever the settlement.
 """
@@ -30,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+
+import msgspec
 
 from .events import Event
 from .functions import Function
@@ -44,7 +48,9 @@ from .runs import (
     RunStatus,
     StepMemo,
     finished_events,
+    record_size,
     transition,
+    without_data,
 )
 
 #: The pending-item keys of a run's start and finish timeouts (``Function.timeouts``).
@@ -110,6 +116,8 @@ class PassFacts:
     wake: Wake
     redelivered: bool  # the message was delivered before: that pass may have died half way
     memos: Mapping[str, StepMemo] = field(default_factory=dict)  # committed as the pass ends
+    max_record_bytes: int | None = None  # what one run record may hold (None: no limit)
+    max_event_bytes: int | None = None  # what one emitted event may hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,12 +153,34 @@ def settle(
     fn: Function, before: RunRecord, current: RunRecord, outcome: Outcome, facts: PassFacts
 ) -> Settlement:
     """What a pass of ``fn``'s run writes: ``before`` is the record as the pass found it, ``current``
-    the one it holds now (leased, maybe with a cancel request since), ``outcome`` the engine's."""
+    the one it holds now (leased, maybe with a cancel request since), ``outcome`` the engine's.
+
+    A record over ``facts.max_record_bytes`` is never written (no retry could store it): the run
+    fails instead, saying why, and if even that does not fit (its events fill the record), its
+    events' data is left out of the record (it stays in the events stream).
+    """
     if isinstance(outcome, Suspended) and current.cancel is not None:
         outcome = Cancelled()  # asked to stop while this pass ran: it stops before its next step
     if isinstance(outcome, Suspended):
-        return _suspend(before, current, outcome, facts)
-    return _end(fn, before, current, outcome, facts)
+        settled = _suspend(before, current, outcome, facts)
+    else:
+        settled = _end(fn, before, current, outcome, facts)
+    limit = facts.max_record_bytes
+    size = record_size(settled.record)
+    if limit is None or size <= limit:
+        return settled
+    error = ErrorInfo(
+        type="SerializationError",
+        message=f"the run's record would be {size} bytes, more than one record may hold ({limit} bytes: "
+        "the NATS server's max_payload less room for its headers); the run's output, its events or "
+        "its errors are too large: store large data elsewhere and pass a reference to it",
+        retriable=False,
+    )
+    settled = _end(fn, before, current, Failed(error=error), facts)
+    if record_size(settled.record) <= limit:
+        return settled
+    slim = msgspec.structs.replace(current, events=[without_data(e) for e in current.events])
+    return _end(fn, before, slim, Failed(error=error), facts)
 
 
 def _suspend(before: RunRecord, current: RunRecord, outcome: Suspended, facts: PassFacts) -> Settlement:
@@ -213,7 +243,7 @@ def _end(
                 drop.append(item.key)
     return Settlement(
         record=record,
-        emit=finished_events(record, handles_failures=fn.failure_of is not None),
+        emit=finished_events(record, handles_failures=fn.failure_of is not None, limit=facts.max_event_bytes),
         notify_parent=record.parent is not None,
         drop_timers=drop,
         forget_waits=forget,

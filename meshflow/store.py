@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import re
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -23,7 +24,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
 
 from .bus import Bus, through_elections
-from .durations import from_ms, rfc3339
+from .durations import epoch_ms, from_ms, rfc3339
 from .errors import NatsError
 from .names import (
     HDR_EXPECTED_LAST_SUBJECT_SEQ,
@@ -464,9 +465,10 @@ class Store:
 
     async def read_events(
         self, subject: str, *, after_seq: int = 0, since_ms: int = 0, limit: int = 256
-    ) -> list[tuple[int, bytes]]:
-        """Up to ``limit`` events on ``subject`` in stream order, as (sequence, data): those after
-        ``after_seq`` when it is set, else those stored at or after ``since_ms``."""
+    ) -> list[tuple[int, int, bytes]]:
+        """Up to ``limit`` events on ``subject`` in stream order, as (sequence, stored time in epoch
+        ms, data): those after ``after_seq`` when it is set, else those stored at or after
+        ``since_ms``."""
         request: dict[str, Any] = {"next_by_subj": subject, "batch": limit}
         if after_seq > 0:
             request["seq"] = after_seq + 1
@@ -476,7 +478,7 @@ class Store:
             msgs = await self.requests.direct_batch(self.names.events_stream, request)
         except _READ_ERRORS as exc:
             raise NatsError(f"cannot read events on {subject}: {exc!r}") from exc
-        return [(int(headers.get("Nats-Sequence", "0")), data) for headers, data in msgs]
+        return [(int(headers.get("Nats-Sequence", "0")), stored_ms(headers), data) for headers, data in msgs]
 
     # --- reading streams backwards (newest first), for the dashboard ----------------------------
     async def stream_state(self, stream: str) -> StreamState:
@@ -495,9 +497,10 @@ class Store:
         want: int,
         keep: Callable[[bytes], bool] = lambda _: True,
         budget: int = 10_000,
-    ) -> tuple[list[tuple[int, bytes]], int | None]:
+    ) -> tuple[list[tuple[int, bytes, int]], int | None]:
         """The newest ``want`` messages on ``subject`` below sequence ``before`` that ``keep``
-        accepts, newest first, and the cursor for the next page (None: nothing older).
+        accepts, newest first, as (sequence, data, stored time in epoch ms), and the cursor for
+        the next page (None: nothing older).
 
         Reads windows of the stream backwards; at most ``budget`` messages are examined per call,
         so a page with a rare filter costs a bounded read, never a scan of the whole stream (it
@@ -505,12 +508,12 @@ class Store:
         """
         state = await self.stream_state(stream)
         cursor = min(before or state.last_seq + 1, state.last_seq + 1)
-        found: list[tuple[int, bytes]] = []
+        found: list[tuple[int, bytes, int]] = []
         examined = 0
         window = max(want * 2, 64)
         while cursor > state.first_seq and len(found) < want and examined < budget:
             start = max(state.first_seq, cursor - window)
-            page: list[tuple[int, bytes]] = []
+            page: list[tuple[int, bytes, dict[str, str]]] = []
             seq = start
             while seq < cursor:
                 try:
@@ -520,14 +523,16 @@ class Store:
                 except _READ_ERRORS as exc:
                     raise NatsError(f"cannot read {stream}: {exc!r}") from exc
                 got = [(int(h.get("Nats-Sequence", "0")), d, h) for h, d in batch]
-                page.extend((n, d) for n, d, h in got if n < cursor and d and h.get(HDR_KV_OPERATION) is None)
+                page.extend(
+                    (n, d, h) for n, d, h in got if n < cursor and d and h.get(HDR_KV_OPERATION) is None
+                )
                 if len(batch) < min(_BATCH, cursor - seq) or not got:
                     break
                 seq = got[-1][0] + 1
             examined += cursor - start
-            for n, data in reversed(page):
+            for n, data, headers in reversed(page):
                 if keep(data):
-                    found.append((n, data))
+                    found.append((n, data, stored_ms(headers)))
                     if len(found) == want:
                         return found, n
             cursor = start
@@ -588,3 +593,14 @@ class Store:
         """Every function any worker has registered in this namespace."""
         values = await self._last_values(self.names.registry_bucket, "fn.>")
         return [_info_decoder.decode(data) for data in values.values()]
+
+
+def stored_ms(headers: dict[str, str]) -> int:
+    """When the stream stored a message read by a direct get (its ``Nats-Time-Stamp``), epoch ms."""
+    stamp = headers.get("Nats-Time-Stamp")
+    if not stamp:
+        return 0
+    try:
+        return epoch_ms(dt.datetime.fromisoformat(stamp))
+    except ValueError:
+        return 0

@@ -21,7 +21,7 @@ from .control import request_cancel
 from .cron import Cron
 from .durations import from_ms, now_ms, rfc3339
 from .errors import RunNotFoundError
-from .events import Event, decode_event
+from .events import Event, decode_stored_event
 from .flow.starts import Admission, Starts
 from .flow.windows import Windows
 from .functions import Function
@@ -29,7 +29,7 @@ from .ids import run_id_for
 from .lifecycle import Lifecycle
 from .names import EVENT_CRON, cron_event_id
 from .passes import Ownership, Passes
-from .runs import ErrorInfo, RunStatus, new_lease, new_run
+from .runs import ErrorInfo, RunStatus, new_lease, new_run, record_limit, record_size, too_large_to_run
 from .settle import TRIGGER
 from .store import Store
 
@@ -69,7 +69,12 @@ class Triggers:
         way leaves the event to be redelivered; the redelivery finds the claim and resumes it.
         """
         try:
-            event = decode_event(delivery.data)
+            event = decode_stored_event(
+                delivery.data,
+                stream=self.bus.names.events_stream,
+                seq=delivery.seq,
+                stored_ms=delivery.stored_ms,
+            )
         except msgspec.DecodeError as exc:
             log.error(
                 "undecodable event dropped", function=fn.full_id, subject=delivery.subject, error=str(exc)
@@ -141,9 +146,18 @@ class Triggers:
                 not_before=0,
                 error=ErrorInfo(type="Skipped", message=admission.skip, retriable=False),
             )
+        limit = record_limit(self.bus.max_payload)
+        if record_size(record) > limit:  # published raw, too large to run: the run fails, visibly
+            record = too_large_to_run(record, limit, now)
+            admission = _NOW
         rev = await self.store.create_run(record)
         if rev is None:  # claimed before: a resent or redelivered event
             await self.passes.resume(fn, delivery, TRIGGER, run_id)
+            return
+        if record.status.terminal:
+            log.error("run failed at once", run_id=run_id, function=fn.full_id, error=record.error)
+            await self.passes.emit_ended(fn, record)
+            await delivery.ack()
             return
         if admission.skip is not None:
             log.info("run skipped", run_id=run_id, function=fn.full_id, reason=admission.skip)

@@ -36,7 +36,7 @@ from .bus import (
 )
 from .connection import NatsAuth, check_durability, open_nats
 from .durations import now_ms
-from .errors import MeshflowError
+from .errors import MeshflowError, NatsError
 from .flow.slots import Slots
 from .flow.starts import Starts
 from .flow.windows import Windows
@@ -115,6 +115,8 @@ class Worker:
         self._stopped = asyncio.Event()
         self._started_at = 0
         self._listening: list[Listening] = []  # cancel signals and control requests
+        self.failure: NatsError | None = None  # why the worker stopped on its own, if it did
+        self._stopper: asyncio.Future[None] | None = None
         self.bus: Bus
         self.store: Store
         self.passes: Passes
@@ -123,7 +125,9 @@ class Worker:
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         """Connect, provision streams, buckets and consumers, and start pulling."""
-        nc = await open_nats(self.servers, name=f"meshflow-worker-{self.id}", auth=self.auth)
+        nc = await open_nats(
+            self.servers, name=f"meshflow-worker-{self.id}", auth=self.auth, on_closed=self._connection_lost
+        )
         self.bus = bus = Bus(nc, self.names)
         self.store = store = Store(nc, self.names, bus.requests)
         self.router = Router(store, bus, self.names, self._follow_route, ack_wait=self.ack_wait)
@@ -205,13 +209,28 @@ class Worker:
         log.info("worker stopped", worker=self.id)
 
     async def serve(self) -> None:
-        """Start, then run until SIGTERM or SIGINT (or `stop`), then stop gracefully."""
+        """Start, then run until SIGTERM or SIGINT (or `stop`), then stop gracefully.
+
+        Raises:
+            NatsError: the connection to NATS closed for good (the worker stopped, so that its
+                supervisor can start it again).
+        """
         await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
         await self._stopped.wait()
+        if self.failure is not None:
+            raise self.failure
+
+    async def _connection_lost(self, reason: str) -> None:
+        """The connection closed for good: a worker serving nothing must not live on."""
+        if self._stopping.is_set():
+            return
+        self.failure = NatsError(f"worker {self.id}: the connection to NATS closed for good ({reason})")
+        log.error("the connection to NATS closed for good; the worker stops", worker=self.id, reason=reason)
+        self._stopper = asyncio.ensure_future(self.stop(grace=5.0))
 
     async def __aenter__(self) -> Worker:
         await self.start()

@@ -22,7 +22,7 @@ from ..errors import NatsError
 from ..events import Event, encode_event
 from ..functions import Function
 from ..names import batch_full_id
-from ..runs import RunRecord, RunStatus, encode_record
+from ..runs import RunRecord, RunStatus, encode_record, record_limit, record_size
 from ..store import RunConflict, Store
 from . import batching, debounce
 from .starts import key_token
@@ -120,9 +120,12 @@ class Windows:
                 events = [event] if later else record.events
             first = record.created_at
             due = debounce.start_at(first, now, period_ms=spec.period_ms, timeout_ms=spec.timeout_ms)
-            return msgspec.structs.replace(
+            joined = msgspec.structs.replace(
                 record, events=events, seq=max(seq, record.seq), not_before=due, updated_at=now
             )
+            if record_size(joined) > record_limit(self.bus.max_payload):
+                return None  # no room left in its record: the event opens the next window
+            return joined
         batch = fn.flow.batch
         assert batch is not None
         size = len(encode_record(record))
