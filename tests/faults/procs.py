@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,9 +40,11 @@ class Worker:
         os.kill(self.pid, signal.SIGCONT)
 
     def kill(self) -> None:
+        """SIGKILL: no chance to ack, nak or release anything."""
         if self.proc.poll() is None:
             os.kill(self.pid, signal.SIGKILL)
             self.proc.wait(10)
+        self._out.close()
 
     def stop(self) -> None:
         """SIGTERM (after SIGCONT, in case it is paused); SIGKILL if it does not exit in 20 s."""
@@ -59,21 +62,33 @@ class Worker:
         return sum(text in line for line in self.log.read_text(errors="replace").splitlines())
 
 
+class Entry(NamedTuple):
+    """One line of the ledger."""
+
+    run: str
+    step: str
+    what: str  # start, end (a step's), or returned (the function body's)
+    pid: int
+    ns: int  # wall clock, ns
+
+
 class Ledger:
-    """The ledger file the fault apps write: ``{run} {step} {what} {pid}`` per line."""
+    """The ledger file the fault apps write: ``{run} {step} {what} {pid} {time_ns}`` per line."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def lines(self) -> list[tuple[str, str, str, int]]:
+    def lines(self) -> list[Entry]:
         if not self.path.exists():
             return []
         out = []
         for line in self.path.read_text().splitlines():
-            run, step, what, pid = line.split(" ")
-            out.append((run, step, what, int(pid)))
+            parts = line.split(" ")
+            if len(parts) == 5:  # a line cut short by a kill -9 is left out
+                run, step, what, pid, ns = parts
+                out.append(Entry(run, step, what, int(pid), int(ns)))
         return out
 
     def count(self, what: str = "end", *, pid: int | None = None) -> Counter[tuple[str, str]]:
         """(run, step) -> how many times it reached ``what`` (in process ``pid``, if given)."""
-        return Counter((r, s) for r, s, w, p in self.lines() if w == what and (pid is None or p == pid))
+        return Counter((e.run, e.step) for e in self.lines() if e.what == what and pid in (None, e.pid))

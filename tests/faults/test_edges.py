@@ -190,16 +190,16 @@ async def test_an_event_without_an_id_starts_one_run_even_when_its_worker_dies_m
         assert stored.headers is None or "Nats-Msg-Id" not in stored.headers  # no id anywhere
 
         def inside() -> bool:
-            return any(s == "b2" for _, s, w, _ in ledger.lines() if w == "start")
+            return any(e.step == "b2" and e.what == "start" for e in ledger.lines())
 
         await wait_until(inside, timeout=60, message="the run is inside b2")
         first.kill()
         second = Worker(nats_server.url, namespace, ledger.path, gate, tmp_path / "second.log", ack_wait=2)
         gate.touch()
         await wait_until(
-            lambda: any(s == "body" for _, s, _, _ in ledger.lines()), timeout=60, message="a run finished"
+            lambda: any(e.step == "body" for e in ledger.lines()), timeout=60, message="a run finished"
         )
-        runs = {r for r, _, _, _ in ledger.lines()}
+        runs = {e.run for e in ledger.lines()}
         assert len(runs) == 1  # the redelivered event mapped to the run it had started
         [run_id] = runs
         run = await client.wait_for_run(run_id, timeout=30)
