@@ -17,8 +17,9 @@ Rules (the tests in ``tests/unit/test_replay.py`` defend each):
    spent, or it raised `NonRetriableError`, a failed memo is committed and `StepError` is raised
    at the call site, where the function may catch it.
 5. An error escaping the function retries the whole function (``Pending(RUN_RETRY)``) while its
-   attempts last; `StepError`, `NonRetriableError`, configuration errors and non-``Exception``
-   errors (``SystemExit``...) fail the run at once.
+   attempts last, never before its backoff is over (a pass woken early suspends again);
+   `StepError`, `NonRetriableError`, configuration errors and non-``Exception`` errors
+   (``SystemExit``...) fail the run at once.
 6. ``execute`` never raises for anything the user's code does: every user error becomes an
    outcome. It imports nothing from NATS; the worker turns outcomes into NATS writes.
 
@@ -32,16 +33,20 @@ import asyncio
 import contextlib
 import contextvars
 import inspect
-import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
-import msgspec
 import structlog
 
+from .activations import Activation as Activation
+from .activations import Cancelled as Cancelled
+from .activations import Completed as Completed
+from .activations import Effects as Effects
+from .activations import Failed as Failed
+from .activations import Outcome as Outcome
+from .activations import Suspended as Suspended
 from .codec import decode_value, encode_value
-from .durations import ms_at, now_ms, parse_duration, parse_when, to_ms
+from .durations import ms_at, parse_duration, parse_when, to_ms
 from .errors import (
     ConfigError,
     NestedStepError,
@@ -77,69 +82,6 @@ _MAX_STEP_ID = 256
 T = TypeVar("T")
 
 _in_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("meshflow_in_step", default=None)
-
-
-class Effects(Protocol):
-    """What the engine needs from the outside world: committing step memos and sending events."""
-
-    async def commit(self, memo: StepMemo) -> StepMemo:
-        """Store ``memo`` if the step has none yet; return the memo that is stored (first wins)."""
-        ...
-
-    async def send(self, events: Sequence[Event], msg_ids: Sequence[str]) -> None:
-        """Publish ``events``, each deduplicated by its ``msg_ids`` entry."""
-        ...
-
-
-@dataclass(frozen=True)
-class Activation:
-    """Everything the engine needs to advance one run."""
-
-    function: Function
-    run_id: str
-    events: Sequence[Event]
-    attempt: int = 0  # function-level failures so far
-    memos: Mapping[str, StepMemo] = field(default_factory=dict)
-    pending: Sequence[Pending] = ()
-    step_failures: Mapping[str, int] = field(default_factory=dict)
-    clock: Callable[[], int] = now_ms
-    random: Callable[[], float] = random.random
-    logger: Any = None
-    seq: int = 0  # the triggering event's events-stream sequence (0: not from the stream)
-    created_at: int = 0  # when the run was created, epoch ms
-    cancelled: Callable[[], bool] = lambda: False  # asked before each new step
-    # Awaited before a step's handler runs and before events are sent: raises when the pass no
-    # longer holds its run (another pass took it over), which abandons the pass like a failed
-    # commit does. None: nothing to check.
-    fence: Callable[[], Awaitable[None]] | None = None
-    # The most JSON one step result, function output or sent event may hold (the server's
-    # max_payload less room for the record around it); None: no limit.
-    max_value_bytes: int | None = None
-    # Entered around each step's execution when the function has a concurrency limit: holds a
-    # slot for the step (the worker's takes an extra slot per step executing beside another).
-    # None: one step at a time, on the slot the pass holds.
-    step_slot: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None
-
-
-class Completed(msgspec.Struct, frozen=True, tag=True):
-    output: msgspec.Raw
-
-
-class Failed(msgspec.Struct, frozen=True, tag=True):
-    error: ErrorInfo
-
-
-class Suspended(msgspec.Struct, frozen=True, tag=True):
-    pending: list[Pending]
-    step_failures: dict[str, int]
-    attempt: int  # function-level failures so far (raised by a RUN_RETRY)
-
-
-class Cancelled(msgspec.Struct, frozen=True, tag=True):
-    """The run was asked to stop; it stopped before starting another step."""
-
-
-Outcome = Completed | Failed | Suspended | Cancelled
 
 
 class _Stop(BaseException):
@@ -577,6 +519,11 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
     (NATS is unreachable) or of ``Activation.fence`` (the pass lost its run), which leave the run
     to be resumed from its last commit.
     """
+    retry = next((p for p in act.pending if p.kind is PendingKind.RUN_RETRY), None)
+    if retry is not None and act.clock() < retry.until:  # woken early: the backoff is not over
+        return Suspended(
+            pending=list(act.pending), step_failures=dict(act.step_failures), attempt=act.attempt
+        )
     engine = _Pass(act, effects)
     base = act.logger if act.logger is not None else structlog.get_logger("meshflow.run")
     ctx = Context(

@@ -16,6 +16,7 @@ import pytest
 
 PURE_MODULES = [
     "meshflow.replay",
+    "meshflow.activations",
     "meshflow.settle",
     "meshflow.steps",
     "meshflow.functions",

@@ -783,6 +783,36 @@ async def test_when_the_function_attempts_are_spent_the_run_fails(app: App) -> N
     ]
 
 
+async def test_a_function_retry_woken_early_waits_out_its_backoff_instead_of_running_again(app: App) -> None:
+    """A retry's old schedule can fire after the next attempt has started its own backoff (both
+    are keyed "run"): that wake must not start an attempt before the new backoff has passed."""
+    attempts: list[int] = []
+
+    @app.function("f", trigger="t/e", retries=Retry(retries=3, backoff=("3s", "6s", "12s")))
+    async def f(ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        raise ValueError(f"attempt {ctx.attempt}")
+
+    run = Run(f)
+    await run.advance()
+    run.clock.now = T0 + 3 * SECOND  # the first backoff is over: attempt 1
+    second = await run.advance()
+    assert isinstance(second, Suspended)
+    [retry] = second.pending
+    assert retry.until == T0 + 9 * SECOND
+
+    run.clock.now = T0 + 3 * SECOND + 260  # the first backoff's schedule fires late, now
+    early = await run.advance()
+
+    assert isinstance(early, Suspended)
+    assert early.pending == second.pending  # still waiting for T0 + 9 s, not rerun now
+    assert early.attempt == 2
+    assert attempts == [0, 1]
+    run.clock.now = T0 + 9 * SECOND
+    await run.advance()
+    assert attempts == [0, 1, 2]
+
+
 async def test_a_function_without_retries_fails_on_its_first_error(app: App) -> None:
     @app.function("f", trigger="t/e", retries=0)
     async def f(ctx: Context) -> None:
