@@ -57,6 +57,12 @@ class Activation:
     # The most JSON one step result, function output or sent event may hold (the server's
     # max_payload less room for the record around it); None: no limit.
     max_value_bytes: int | None = None
+    # Runs a plain ``def`` handler in a thread (the worker's daemon threads); None: asyncio's.
+    run_sync: Callable[..., Awaitable[Any]] | None = None
+    # The engine keeps the keys of the steps whose handlers run right now in here, for the
+    # worker to record in its lease renewals (a step interrupted by a dying worker then counts
+    # as an attempt). None: not kept.
+    executing: set[str] | None = None
     # Entered around each step's execution when the function has a concurrency limit: holds a
     # slot for the step (the worker's takes an extra slot per step executing beside another).
     # None: one step at a time, on the slot the pass holds.

@@ -81,6 +81,7 @@ async def _worker(args: argparse.Namespace) -> None:
         auth=_auth(args),
         replicas=args.replicas,
         monitor=args.nats_monitor,
+        shutdown_grace=args.shutdown_grace,
     )
     if args.provision_only:  # create streams, buckets and consumers, register the functions, exit
         await worker.start()
@@ -228,6 +229,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="replicas of the streams and buckets, existing ones too (default: 3 on a cluster, new ones)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds a stopping worker waits for the steps it runs (a second signal stops it at once)",
     )
     p.add_argument(
         "--provision-only",

@@ -70,11 +70,18 @@ class InFlight:
             self._count -= 1
             self._places.release()
 
-    async def drain(self, grace: float) -> None:
-        """Wait up to ``grace`` seconds for the tasks to end, then cancel those left."""
+    async def drain(self, grace: float, now: asyncio.Event | None = None) -> None:
+        """Wait up to ``grace`` seconds (or until ``now`` is set) for the tasks to end, then cancel
+        those left."""
         if not self.tasks:
             return
-        _, still = await asyncio.wait(set(self.tasks), timeout=grace)
+        waiting: list[asyncio.Future[object]] = [asyncio.ensure_future(asyncio.wait(set(self.tasks)))]
+        if now is not None:
+            waiting.append(asyncio.ensure_future(now.wait()))
+        await asyncio.wait(waiting, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiting:
+            waiter.cancel()
+        still = [task for task in self.tasks if not task.done()]
         for task in still:
             task.cancel()
         await asyncio.gather(*still, return_exceptions=True)

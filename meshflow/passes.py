@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -72,6 +72,7 @@ from .settle import (
     triage,
 )
 from .store import RunConflict, Store
+from .threads import DaemonThreads
 from .timers import LocalTimers
 
 log = structlog.get_logger("meshflow.worker")
@@ -99,12 +100,31 @@ class StoreEffects:
         self.memos = dict(memos)  # what is committed now: the pass's memos plus its commits
 
     async def commit(self, memo: StepMemo) -> StepMemo:
+        lost = False
+        if memo.kind in _EXECUTED:
+            try:
+                await self.own.fence(may_yield=False)  # a step that ran is committed, stopping or not
+            except RunLost:  # the step ran while another pass took the run over: one more attempt
+                lost = True
+                memo = await self._counted(memo)
         stored = await self.store.commit_memo(self.run_id, memo)
         self.memos[stored.hash] = stored
-        if stored is not memo and memo.kind in _EXECUTED:
+        if not lost and stored is not memo and memo.kind in _EXECUTED:
             await self.own.renew()  # someone else ran this step too: is the run still ours?
         await self.own.fence()
         return stored
+
+    async def _counted(self, memo: StepMemo) -> StepMemo:
+        """``memo`` of a step this pass ran after losing its run, its attempts counted with the
+        pass that took over: that pass's count (with this pass's attempt in it if the lease
+        recorded it executing), its own attempt, and this one's if it was not recorded."""
+        got = await self.store.get_run(self.run_id)
+        if got is None:
+            return memo
+        lease = self.own.record.lease
+        recorded = lease is not None and memo.hash in lease.executing
+        taken = got[0].step_failures.get(memo.hash, 0) + 1 + (0 if recorded else 1)
+        return msgspec.structs.replace(memo, attempts=max(memo.attempts, taken))
 
     async def send(self, events: Sequence[Event], msg_ids: Sequence[str]) -> None:
         subject = self.bus.names.event_subject
@@ -121,6 +141,11 @@ class RunLost(Exception):
     ran out (a stalled worker), or the run ended. The pass stops at once. Never leaves the worker."""
 
 
+class Yielded(Exception):
+    """The worker is stopping: the pass ends after the step it ran, and lets its run go for
+    another worker to go on with at once. Never leaves the worker."""
+
+
 class Ownership:
     """What a pass holds of its run, and the fence that keeps a pass that lost it from acting.
 
@@ -134,7 +159,19 @@ class Ownership:
     run: from then on the fence raises `RunLost`.
     """
 
-    __slots__ = ("_lost", "_renewing", "_store", "lease_ms", "owner", "record", "rev", "slots", "step_slots")
+    __slots__ = (
+        "_lost",
+        "_renewing",
+        "_stopping",
+        "_store",
+        "executing",
+        "lease_ms",
+        "owner",
+        "record",
+        "rev",
+        "slots",
+        "step_slots",
+    )
 
     def __init__(
         self,
@@ -145,6 +182,7 @@ class Ownership:
         lease_ms: int,
         slots: list[Slot] | None = None,
         owner: str = "",
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         assert record.lease is not None, record.id
         self._store = store
@@ -154,8 +192,10 @@ class Ownership:
         self.slots = slots or []
         self.owner = owner
         self.step_slots: StepSlots | None = None  # extra slots for steps executing side by side
+        self.executing: set[str] = set()  # the steps whose handlers run now (the engine keeps it)
         self._lost = False
         self._renewing = asyncio.Lock()
+        self._stopping = stopping
 
     @property
     def lost(self) -> bool:
@@ -173,26 +213,32 @@ class Ownership:
     def lose(self) -> None:
         self._lost = True
 
-    async def fence(self) -> None:
-        """Raise `RunLost` unless this pass still holds its run (renewing a lease near its end)."""
+    async def fence(self, *, may_yield: bool = True) -> None:
+        """Raise `RunLost` unless this pass still holds its run (renewing a lease near its end),
+        and `Yielded` when the worker is stopping (unless not ``may_yield``: the pass is done)."""
         lease = self.record.lease
         if not self._lost and (lease is None or now_ms() + self.lease_ms // 3 >= lease.until):
             await self.renew()
         if self._lost:
             raise RunLost(f"run {self.record.id}: another pass holds it now")
+        if may_yield and self._stopping():
+            raise Yielded(f"run {self.record.id}: the worker stops")
 
-    async def renew(self) -> None:
-        """Extend the lease by compare-and-set; a cancel request written meanwhile is adopted, a
-        write by another pass loses the run. NATS errors leave everything as it was."""
+    async def renew(self, *, release: bool = False) -> None:
+        """Extend the lease by compare-and-set, recording the steps executing now; a cancel
+        request written meanwhile is adopted, a write by another pass loses the run. NATS errors
+        leave everything as it was. ``release``: end the lease now instead (the worker stops), so
+        another worker may take the run at once and count its executing steps as attempts."""
         async with self._renewing:
             lease = self.record.lease
             if self._lost or lease is None:
                 return
             now = now_ms()
+            until = now if release else now + self.lease_ms
             renewed = transition(
                 self.record,
                 RunStatus.RUNNING,
-                lease=msgspec.structs.replace(lease, until=now + self.lease_ms),
+                lease=msgspec.structs.replace(lease, until=until, executing=sorted(self.executing)),
                 updated_at=now,
             )
             try:
@@ -220,6 +266,7 @@ class Passes:
         life: Lifecycle,
         slots: Slots,
         inflight: InFlight,
+        threads: DaemonThreads | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.ack_wait = ack_wait
@@ -230,6 +277,7 @@ class Passes:
         self.life = life
         self.slots = slots
         self.inflight = inflight
+        self.threads = threads
         self.timers = LocalTimers()
         # Runs this worker is advancing now. The lease keeps other workers out; this keeps out a
         # second message for the same run here (a timer's twin, two parallel sleeps waking).
@@ -237,6 +285,7 @@ class Passes:
         # Runs of ours asked to stop (core message): the engine checks before each new step.
         self._cancel_signals: set[str] = set()
         self.abandoned = 0  # passes that stopped because another pass took their run over
+        self.stopping = False  # the worker stops: passes end after the step they run
 
     def signal_cancel(self, run_id: str) -> None:
         """Run ``run_id`` was asked to stop: if a pass of it runs here, it stops before its next step."""
@@ -304,6 +353,13 @@ class Passes:
         leased = self.leased(record, now_ms())
         if not record.armed:  # created elsewhere (an invoke, a replay): set up its timeouts now
             leased = msgspec.structs.replace(leased, armed=True)
+        interrupted = _interrupted(record)
+        if interrupted:  # a pass that never ended was running these: each counts as an attempt
+            failures = dict(record.step_failures)
+            for key in interrupted:
+                failures[key] = failures.get(key, 0) + 1
+            leased = msgspec.structs.replace(leased, step_failures=failures)
+            log.info("steps interrupted by a worker that died or stopped count as attempts", run_id=record.id)
         try:
             rev = await self.store.update_run(leased, rev)
         except RunConflict:
@@ -316,8 +372,22 @@ class Passes:
             await self.slots.release(slots, owner)
             await delivery.ack()  # cancelled by an event already sent; the cancel message ends it
             return
-        own = Ownership(self.store, leased, rev, lease_ms=self.lease_ms, slots=slots, owner=owner)
+        own = self.own(leased, rev, slots=slots, owner=owner)
         await self.advance(fn, delivery, wake, own, memos=memos, before=record)
+
+    def own(
+        self, record: RunRecord, rev: int, *, slots: list[Slot] | None = None, owner: str = ""
+    ) -> Ownership:
+        """What a pass holds of ``record``, written under its lease at revision ``rev``."""
+        return Ownership(
+            self.store,
+            record,
+            rev,
+            lease_ms=self.lease_ms,
+            slots=slots,
+            owner=owner,
+            stopping=lambda: self.stopping,
+        )
 
     def leased(self, record: RunRecord, now: int) -> RunRecord:
         """``record`` running under this worker's lease, to be written by compare-and-set."""
@@ -369,12 +439,24 @@ class Passes:
         except RunLost:  # another pass holds the run: this one writes, acks and naks nothing more
             self.abandoned += 1
             log.info("pass abandoned: another pass holds the run", run_id=run_id, function=fn.full_id)
+        except Yielded:  # the worker stops: the run goes on elsewhere, from the step after this one
+            await self._let_go(own)
+            await delivery.abandon()
+        except asyncio.CancelledError:  # the worker stops now: let another worker take the run at once
+            await self._let_go(own)
+            raise
         finally:
             self.active.discard(run_id)
             self._cancel_signals.discard(run_id)
             if own.slots:
                 with contextlib.suppress(MeshflowError):  # unreleased, they expire with the lease
                     await self.slots.release(own.slots, own.owner)
+
+    async def _let_go(self, own: Ownership) -> None:
+        """End this pass's lease now, so another worker takes the run over without waiting for it
+        to run out (best effort: it runs out anyway)."""
+        with contextlib.suppress(MeshflowError, TimeoutError):
+            await asyncio.wait_for(own.renew(release=True), timeout=2.0)
 
     async def _run(
         self,
@@ -411,6 +493,8 @@ class Passes:
                         cancelled=lambda: record.id in self._cancel_signals,
                         fence=own.fence,
                         max_value_bytes=event_limit(self.bus.max_payload),
+                        run_sync=self.threads.run if self.threads is not None else None,
+                        executing=own.executing,
                         step_slot=own.step_slots.executing if own.step_slots else None,
                     ),
                     effects,
@@ -467,7 +551,7 @@ class Passes:
         self, fn: Function, own: Ownership, settled: Settlement, memos: dict[str, StepMemo]
     ) -> None:
         run = settled.record
-        await own.fence()  # a pass that lost its run writes nothing of it
+        await own.fence(may_yield=False)  # a pass that lost its run writes nothing of it
         if settled.ended:
             await asyncio.gather(self._emit(run, settled.emit), self._write(own, run))
         else:
@@ -580,3 +664,9 @@ def _log_outcome(run: RunRecord) -> None:
     else:
         until = min(p.until for p in run.pending) if run.pending else NEVER
         log.info(f"run {run.status}", resumes_in_ms=until - now_ms() if until < NEVER else None, **fields)
+
+
+def _interrupted(record: RunRecord) -> list[str]:
+    """The steps a pass that never ended was executing when it last renewed its lease."""
+    lease = record.lease
+    return list(lease.executing) if record.status is RunStatus.RUNNING and lease is not None else []

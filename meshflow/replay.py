@@ -231,12 +231,12 @@ class _Pass:
             try:
                 if self.step_slot is None:
                     await self.fenced()
-                    value = await self._call(step_id, handler, args)
+                    value = await self._call(key, step_id, handler, args)
                 else:
                     async with self.step_slot():
                         await self.fenced()
                         started = self.act.clock()
-                        value = await self._call(step_id, handler, args)
+                        value = await self._call(key, step_id, handler, args)
                 output = encode_value(value, what=f"step {step_id!r}", limit=self.act.max_value_bytes)
             except BaseException as exc:
                 task = asyncio.current_task()
@@ -290,18 +290,29 @@ class _Pass:
         assert memo is not None
         return memo
 
-    async def _call(self, step_id: str, handler: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    async def _call(self, key: str, step_id: str, handler: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         token = _in_step.set(step_id)
+        executing = self.act.executing if self.act.executing is not None else set()
+        executing.add(key)
         try:
             if inspect.iscoroutinefunction(handler):
-                return await handler(*args)
-            # The one place a sync handler is run: in a thread, so it cannot block the loop.
-            result = await asyncio.to_thread(handler, *args)
-            if inspect.isawaitable(result):
-                return await result
-            return result
+                result = await handler(*args)
+            else:  # the one place a sync handler is run: in a thread, so it cannot block the loop
+                result = await (self.act.run_sync or asyncio.to_thread)(handler, *args)
+                if inspect.isawaitable(result):
+                    result = await result
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():  # the handler's own: an ordinary failure
+                executing.discard(key)
+            raise  # or cut short (the worker stops): it still counts as executing for the lease
+        except BaseException:
+            executing.discard(key)
+            raise
         finally:
             _in_step.reset(token)
+        executing.discard(key)
+        return result
 
     # --- step.sleep / sleep_until ------------------------------------------------------------
     async def sleep_step(self, step_id: str, duration: object, *, until: bool) -> None:

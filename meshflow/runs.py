@@ -209,12 +209,16 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
     """A pass executing a run holds it until ``until`` (epoch ms) unless it renews the lease.
 
     ``token`` names the pass (a new one for every pass): a pass that finds another token in the
-    record has lost the run to that pass and stops (``meshflow.passes``).
+    record has lost the run to that pass and stops (``meshflow.passes``). ``until`` in the past
+    with the worker alive means the pass let the run go (its worker stopped).
     """
 
     worker: str
     until: int
     token: str = ""
+    # The steps whose handlers ran when the lease was last renewed: a pass that takes the run over
+    # from a pass that never ended counts each of them as an attempt.
+    executing: list[str] = msgspec.field(default_factory=list)
 
 
 def new_lease(worker: str, now: int, lease_ms: int) -> Lease:

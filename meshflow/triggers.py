@@ -28,7 +28,7 @@ from .functions import Function
 from .ids import run_id_for
 from .lifecycle import Lifecycle
 from .names import EVENT_CRON, cron_event_id
-from .passes import Ownership, Passes
+from .passes import Passes
 from .runs import ErrorInfo, RunStatus, new_lease, new_run, record_limit, record_size, too_large_to_run
 from .settle import TRIGGER
 from .store import Store
@@ -175,7 +175,7 @@ class Triggers:
             await self.passes.resume(fn, delivery, TRIGGER, run_id, (record, rev))
             return
         await self.bus.announce_start(fn)
-        own = Ownership(self.store, record, rev, lease_ms=self.lease_ms)
+        own = self.passes.own(record, rev)
         await self.passes.advance(fn, delivery, TRIGGER, own, memos={}, before=record)
 
     async def on_cron(self, fn: Function, delivery: Delivery, rmsg: RunMessage) -> None:

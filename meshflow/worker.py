@@ -49,6 +49,7 @@ from .passes import Passes
 from .router import Router
 from .settle import Wake
 from .store import FunctionInfo, Store, WorkerInfo
+from .threads import DaemonThreads
 from .triggers import Triggers, cron_key
 
 _FETCH_TIMEOUT = 1.0
@@ -80,6 +81,7 @@ class Worker:
             (existing ones are left as they are, with a warning when they have fewer).
         monitor: the server's monitoring URL (``http://host:8222``), to check at start that it
             syncs every write (the system account, if the worker's user has it, works too).
+        shutdown_grace: seconds a stopping worker waits for the steps it runs to end (`stop`).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class Worker:
         auth: NatsAuth | None = None,
         replicas: int | None = None,
         monitor: str | None = None,
+        shutdown_grace: float = 30.0,
     ) -> None:
         if not apps:
             raise MeshflowError("a worker needs at least one App")
@@ -108,8 +111,10 @@ class Worker:
         self.monitor = monitor
         self.names = Names(namespace)
         self.ack_wait = ack_wait
+        self.shutdown_grace = shutdown_grace
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_ulid()[-6:]}"
         self.inflight = InFlight(concurrency)
+        self.threads = DaemonThreads(concurrency)  # for plain `def` step handlers
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -117,6 +122,7 @@ class Worker:
         self._listening: list[Listening] = []  # cancel signals and control requests
         self.failure: NatsError | None = None  # why the worker stopped on its own, if it did
         self._stopper: asyncio.Future[None] | None = None
+        self._forced = asyncio.Event()
         self.bus: Bus
         self.store: Store
         self.passes: Passes
@@ -142,6 +148,7 @@ class Worker:
             life=life,
             slots=Slots(store, bus, lease_ms),
             inflight=self.inflight,
+            threads=self.threads,
         )
         self.triggers = Triggers(
             worker_id=self.id,
@@ -182,16 +189,22 @@ class Worker:
                 await bus.schedule_cron(fn, cron_key(cron), cron.next_after(now_ms()))
         log.info("worker started", worker=self.id, functions=sorted(self.functions), namespace=n.ns)
 
-    async def stop(self, grace: float = 30.0) -> None:
-        """Stop pulling, let in-flight work finish for up to ``grace`` seconds, then disconnect.
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop pulling, let in-flight work finish for up to ``grace`` seconds (default: the
+        worker's ``shutdown_grace``), then disconnect.
 
-        Work still running after ``grace`` is cancelled: its messages are not acked, so they are
-        redelivered to another worker, and committed steps are never lost or re-run.
+        Work still running after ``grace`` (or at once, after `force`) is cancelled: its runs are
+        let go, so another worker takes them over at once, and its messages are not acked, so
+        they are redelivered; committed steps are never lost or re-run. A step handler still
+        running in a thread is left to end with the process (it runs again elsewhere, counted
+        as another attempt).
         """
         if self._stopping.is_set():
             await self._stopped.wait()
             return
         self._stopping.set()
+        grace = self.shutdown_grace if grace is None else grace
+        log.info("worker stopping", worker=self.id)
         for listening in reversed(self._listening):  # control requests go to other workers now
             await listening.close()
         if self._started_at:
@@ -199,7 +212,16 @@ class Worker:
         for loop_task in self._loops:
             loop_task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        await self.inflight.drain(grace)
+        if self._started_at:
+            self.passes.stopping = True  # passes end after the step they run, and let their runs go
+        if self.inflight.tasks:
+            log.warning(
+                f"waiting up to {grace:.0f} s for {len(self.inflight.tasks)} runs in flight to end the "
+                "step they run (signal again to stop now: they are then left to another worker)",
+                worker=self.id,
+            )
+        await self.inflight.drain(grace, self._forced)
+        self.threads.close()
         if self._started_at:
             with contextlib.suppress(MeshflowError):
                 await self.store.drop_worker(self.id)
@@ -219,10 +241,24 @@ class Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+                loop.add_signal_handler(sig, self._on_signal)
         await self._stopped.wait()
         if self.failure is not None:
             raise self.failure
+
+    def _on_signal(self) -> None:
+        """SIGTERM or SIGINT: stop gracefully; a second one: stop now (`force`)."""
+        if self._stopping.is_set():
+            self.force()
+        else:
+            self._stopper = asyncio.ensure_future(self.stop())
+
+    def force(self) -> None:
+        """Stop waiting for the runs in flight: cancel them now (their runs are let go and their
+        messages redelivered to another worker)."""
+        if not self._forced.is_set():
+            log.warning("stopping now: the runs in flight are left to another worker", worker=self.id)
+            self._forced.set()
 
     async def _connection_lost(self, reason: str) -> None:
         """The connection closed for good: a worker serving nothing must not live on."""

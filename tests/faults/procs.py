@@ -17,7 +17,15 @@ class Worker:
     """``meshflow worker tests.faults.apps:app`` as a child process, logging to ``log``."""
 
     def __init__(
-        self, url: str, namespace: str, ledger: Path, gate: Path, log: Path, *, ack_wait: float
+        self,
+        url: str,
+        namespace: str,
+        ledger: Path,
+        gate: Path,
+        log: Path,
+        *,
+        ack_wait: float,
+        grace: float = 30.0,
     ) -> None:
         env = {
             **os.environ,
@@ -27,6 +35,7 @@ class Worker:
         }
         cmd = [sys.executable, "-m", "meshflow", "--log-level", "info", "worker", "tests.faults.apps:app"]
         cmd += ["--nats", url, "--namespace", namespace, "--ack-wait", str(ack_wait)]
+        cmd += ["--shutdown-grace", str(grace)]
         self.log = log
         self._out = log.open("ab")
         self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT)
@@ -38,6 +47,9 @@ class Worker:
 
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
+
+    def signal(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        os.kill(self.pid, sig)
 
     def kill(self) -> None:
         """SIGKILL: no chance to ack, nak or release anything."""
