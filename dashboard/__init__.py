@@ -30,7 +30,8 @@ class _Server(uvicorn.Server):
 class Dashboard:
     """The dashboard served by uvicorn inside the caller's event loop.
 
-    Refuses (`ConfigError`) a non-loopback ``host`` unless ``auth`` is configured.
+    Refuses (`ConfigError`) a non-loopback ``host`` unless ``auth`` is configured. Give it a
+    ``client`` connected already (read-only) to learn of a NATS problem before serving.
     """
 
     def __init__(
@@ -42,11 +43,12 @@ class Dashboard:
         port: int = DEFAULT_PORT,
         auth: Auth | None = None,
         nats_auth: meshflow.NatsAuth | None = None,
+        client: meshflow.Client | None = None,
     ) -> None:
         auth = auth or Auth()
         check_bind(host, auth)
         self.url = f"http://{host}:{port}"
-        app = create_app(nats, namespace=namespace, auth=auth, nats_auth=nats_auth)
+        app = create_app(nats, namespace=namespace, auth=auth, nats_auth=nats_auth, client=client)
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", lifespan="on", access_log=False
         )

@@ -137,20 +137,24 @@ async def _dashboard(args: argparse.Namespace) -> None:
     from dashboard import Auth, Dashboard
 
     auth = Auth(token=args.token or None, username=args.user or None, password=args.password or None)
-    board = Dashboard(
-        args.nats.split(","),
-        namespace=args.namespace,
-        host=args.host,
-        port=args.port,
-        auth=auth,
-        nats_auth=_auth(args),
-    )
-    print(f"meshflow dashboard  {board.url}", flush=True)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, board.stop)
-    await board.serve()
+    servers = args.nats.split(",")
+    # connected first: a NATS problem is one clear line, not a served URL and a traceback
+    async with connect(servers, namespace=args.namespace, auth=_auth(args), read_only=True) as client:
+        board = Dashboard(
+            servers,
+            namespace=args.namespace,
+            host=args.host,
+            port=args.port,
+            auth=auth,
+            nats_auth=_auth(args),
+            client=client,
+        )
+        print(f"meshflow dashboard  {board.url}", flush=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, board.stop)
+        await board.serve()
 
 
 async def _send(args: argparse.Namespace) -> None:

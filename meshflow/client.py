@@ -441,6 +441,10 @@ class Client:
         await self.close()
 
 
+#: How long a client keeps trying a server that is not up, by default (a worker: 30 s).
+CLIENT_CONNECT_WAIT = 5.0
+
+
 class connect:
     """Connect a `Client` to NATS: ``async with connect(url) as c`` or ``c = await connect(url)``.
 
@@ -456,6 +460,8 @@ class connect:
         read_only: the client writes no run state itself: `Client.cancel` and `Client.replay`
             are carried out by a worker (for identities that may only read state, like the
             dashboard's; they then need a running worker).
+        wait: seconds to keep trying a server that is not up yet before `NatsError` says what
+            is wrong (nothing listening, a name that does not resolve...).
     """
 
     def __init__(
@@ -467,8 +473,10 @@ class connect:
         replicas: int | None = None,
         provision: bool = True,
         read_only: bool = False,
+        wait: float = CLIENT_CONNECT_WAIT,
     ) -> None:
         self._servers = servers
+        self._wait = wait
         self._provision = provision
         self._read_only = read_only
         self._names = Names(namespace)
@@ -477,7 +485,7 @@ class connect:
         self._client: Client | None = None
 
     async def _open(self) -> Client:
-        nc = await open_nats(self._servers, name="meshflow-client", auth=self._auth)
+        nc = await open_nats(self._servers, name="meshflow-client", auth=self._auth, wait=self._wait)
         bus = Bus(nc, self._names)
         store = Store(nc, self._names, bus.requests)
         if self._provision:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import re
+import socket
 import ssl
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
@@ -148,6 +149,8 @@ async def open_nats(
     not reconnect) calls ``on_closed`` with the reason, unless it was closed on purpose.
     """
     urls = [servers] if isinstance(servers, str) else list(servers)
+    for url in urls:
+        check_url(url)
     options = (auth or NatsAuth()).options()
     errors: list[BaseException] = []
     connected = False
@@ -208,23 +211,65 @@ async def open_nats(
             await connecting
         raise nats.errors.NoServersError
 
+    nc = await _retried(attempt, errors, urls, wait)
+    connected = True
+    client.append(nc)
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+async def _retried(
+    attempt: Callable[[], Awaitable[NatsClient]], errors: list[BaseException], urls: list[str], wait: float
+) -> NatsClient:
+    """``attempt()`` again until it connects; after ``wait`` seconds (or at once, when the server
+    refused us) `NatsError` says why, and after a couple of seconds the log says so already."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
+    started = loop.time()
+    told = False
     while True:
         try:
-            nc = await attempt()
+            return await attempt()
         except NATS_ERRORS as exc:
             refused = next((e for e in errors if _refused(e)), None)
-            if refused is not None or loop.time() >= deadline:
-                # what the server said beats nats-py's summary ("NoServersError")
-                cause = refused or (errors[-1] if errors else exc)
-                raise NatsError(f"cannot connect to NATS at {', '.join(urls)}: {cause!r}") from cause
+            # what the server said (or the socket) beats nats-py's summary ("NoServersError")
+            cause = refused or (errors[-1] if errors else exc)
+            why = f"cannot connect to NATS at {', '.join(urls)}: {explain(cause)}"
+            if refused is not None or loop.time() >= started + wait:
+                raise NatsError(why) from cause
+            if not told and loop.time() >= started + _TELL_AFTER:
+                log.warning(f"{why}; still trying for {wait - _TELL_AFTER:.0f} s")
+                told = True
             await asyncio.sleep(0.5)
-            continue
-        connected = True
-        client.append(nc)
-        nc.options["max_reconnect_attempts"] = -1
-        return nc
+
+
+#: A process waiting for a server that is not up says so after this many seconds.
+_TELL_AFTER = 2.0
+_SCHEMES = ("nats://", "tls://", "ws://", "wss://")
+
+
+def check_url(url: str) -> None:
+    """`ConfigError` for a URL that is not a NATS server's (``nats://host:4222``)."""
+    scheme, sep, _ = url.partition("://")
+    if sep and f"{scheme.lower()}://" not in _SCHEMES:
+        hint = (
+            " (http is the server's monitoring port, not its client port)"
+            if scheme.startswith("http")
+            else ""
+        )
+        raise ConfigError(
+            f"NATS URL {url!r}: use nats://host:4222 (or tls://, ws://, wss://), not {scheme}://{hint}"
+        )
+
+
+def explain(exc: BaseException) -> str:
+    """What a failed connection attempt means, in words, with the error itself."""
+    if isinstance(exc, ConnectionRefusedError) or "connect call failed" in str(exc).lower():
+        return f"nothing is listening there (is the nats-server running? `meshflow dev` starts one): {exc}"
+    if isinstance(exc, socket.gaierror):
+        return f"the host name does not resolve: {exc}"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return f"no answer within the connect timeout: {exc!r}"
+    return repr(exc)
 
 
 async def close_nats(nc: NatsClient) -> None:

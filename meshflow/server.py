@@ -8,6 +8,7 @@ a restart reuses that port and the same store dir, so clients reconnect to the s
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import IO
 
 from .errors import MeshflowError
 
@@ -83,6 +85,7 @@ class EmbeddedServer:
         self.extra_config = extra_config
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_path = self.store_dir / "nats-server.log"
+        self._lock: IO[str] | None = None
 
     @property
     def url(self) -> str:
@@ -117,6 +120,7 @@ class EmbeddedServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._take_store()
         conf = self._config()
         offset = self._log_path.stat().st_size if self._log_path.exists() else 0
         self.proc = subprocess.Popen(
@@ -139,6 +143,35 @@ class EmbeddedServer:
         self.kill()
         raise ServerError(f"nats-server did not become ready within {timeout}s")
 
+    def _take_store(self) -> None:
+        """Lock the store dir for this process (a second server on one store would corrupt it):
+        `ServerError` naming the process that holds it, before anything in it is touched."""
+        if self._lock is not None:
+            return
+        path = self.store_dir / "meshflow.lock"
+        fh = path.open("a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise ServerError(
+                f"the JetStream data in {self.store_dir} is in use by process {holder} (another "
+                "`meshflow dev`?): stop it first, or give this one another data directory (--data)"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._lock = fh
+
+    def _release_store(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
     def _read_log(self, offset: int) -> str:
         try:
             with self._log_path.open("rb") as fh:
@@ -150,10 +183,12 @@ class EmbeddedServer:
     def stop(self, timeout: float = 15.0) -> None:
         """Stop gracefully (SIGTERM); SIGKILL if it does not exit within ``timeout``."""
         self._signal(signal.SIGTERM, timeout)
+        self._release_store()
 
     def kill(self) -> None:
         """Stop at once (SIGKILL), as a crash would."""
         self._signal(signal.SIGKILL, 15.0)
+        self._release_store()
 
     def _signal(self, sig: signal.Signals, timeout: float) -> None:
         proc, self.proc = self.proc, None
@@ -168,10 +203,7 @@ class EmbeddedServer:
 
     def restart(self, *, kill: bool = False) -> None:
         """Stop (or kill) the server and start it again on the same port with the same store."""
-        if kill:
-            self.kill()
-        else:
-            self.stop()
+        self._signal(signal.SIGKILL if kill else signal.SIGTERM, 15.0)  # the store stays ours
         self.start()
 
     def __enter__(self) -> EmbeddedServer:

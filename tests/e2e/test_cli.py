@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -70,3 +71,48 @@ async def test_dev_serves_the_examples_and_stops_cleanly_on_ctrl_c(tmp_path: Pat
         assert "does not exist" in unknown.stderr
     assert dev.code == 0, dev.log()[-3000:]
     assert "meshflow dev stopped" in dev.log()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_command_with_nothing_listening_says_so_within_seconds() -> None:
+    nats = f"nats://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    sent = meshflow("send", "user/signup", "--nats", nats)
+    assert sent.returncode == 1
+    assert time.monotonic() - started < 15  # 5 s of retries, not 30
+    assert "nothing is listening there" in sent.stderr
+    assert "Traceback" not in sent.stderr
+
+
+def test_an_http_url_is_refused_saying_what_to_use() -> None:
+    shown = meshflow("run", "01J0000000000000000000000", "--nats", "http://127.0.0.1:8222")
+    assert shown.returncode == 1
+    assert "use nats://host:4222" in shown.stderr
+    assert "monitoring port" in shown.stderr
+
+
+def test_the_dashboard_without_nats_says_so_and_never_prints_its_url() -> None:
+    board = meshflow("dashboard", "--nats", f"nats://127.0.0.1:{free_port()}", "--port", str(free_port()))
+    assert board.returncode == 1
+    assert "nothing is listening there" in board.stderr
+    assert "http://127.0.0.1" not in board.stdout
+    assert "Traceback" not in board.stderr
+
+
+@pytest.mark.slow
+async def test_a_second_dev_stack_on_the_same_data_is_refused_before_it_opens_the_store(
+    tmp_path: Path,
+) -> None:
+    async with DevStack(tmp_path) as dev:
+        second = meshflow("dev", "--data", str(tmp_path / "data"), "--port", str(free_port()))
+        assert second.returncode == 1
+        assert "in use by process" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert meshflow("send", "user/signup", "--nats", dev.nats).returncode == 0  # the first serves on

@@ -1,4 +1,5 @@
-"""The embedded nats-server: loopback only, and never outlives the process that started it."""
+"""The embedded nats-server: loopback only, never outlives the process that started it, and never
+shares its store with another."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meshflow.server import EmbeddedServer
+import pytest
+
+import meshflow
+from meshflow.server import EmbeddedServer, ServerError
 from meshflow.testing import wait_until
 
 STARTER = """
@@ -44,3 +48,19 @@ def test_the_server_listens_on_loopback_only(nats_server: EmbeddedServer) -> Non
     conf = (nats_server.store_dir / "nats-server.conf").read_text()
     assert "host: 127.0.0.1" in conf
     assert os.path.exists(nats_server.store_dir / "jetstream")
+
+
+async def test_a_second_server_on_a_store_in_use_is_refused_before_it_touches_the_store(
+    tmp_path: Path,
+) -> None:
+    first = EmbeddedServer(tmp_path / "store").start()
+    try:
+        before = sorted(p.name for p in (tmp_path / "store").iterdir())
+        with pytest.raises(ServerError, match=rf"in use by process {os.getpid()}.*--data"):
+            EmbeddedServer(tmp_path / "store").start()
+        assert sorted(p.name for p in (tmp_path / "store").iterdir()) == before
+        async with meshflow.connect(first.url, namespace="still") as client:  # the first still serves
+            assert await client.send(meshflow.Event(name="a/b"))
+    finally:
+        first.stop()
+    EmbeddedServer(tmp_path / "store").start().stop()  # free again once the first stopped
