@@ -309,7 +309,7 @@ class Client:
             )
 
         stream = kv_stream(self.names.runs_bucket)
-        found, cursor = await self._store.newest(
+        found, cursor = await self._store.streams.newest(
             stream,
             kv_subject(self.names.runs_bucket, ">"),
             before=before,
@@ -326,14 +326,14 @@ class Client:
         if name is not None:
             validate_event_name(name)
         subject = self.names.event_subject(name) if name else self.names.events_subjects
-        found, cursor = await self._store.newest(
+        found, cursor = await self._store.streams.newest(
             self.names.events_stream, subject, before=before, want=limit, budget=max(limit * 4, 1000)
         )
         return [(seq, self._stored_event(data, seq, at)) for seq, data, at in found], cursor
 
     async def get_event(self, seq: int) -> Event | None:
         """The event stored at this sequence of the events stream, or None."""
-        found, _ = await self._store.newest(
+        found, _ = await self._store.streams.newest(
             self.names.events_stream, self.names.events_subjects, before=seq + 1, want=1, budget=1
         )
         if not found or found[0][0] != seq:
@@ -359,7 +359,7 @@ class Client:
             ("events", n.events_stream, n.trigger_consumer(info.app, info.id)),
             ("runs", n.runs_stream, n.run_consumer(info.app, info.id)),
         ):
-            state = await self._store.consumer_backlog(stream, consumer)
+            state = await self._store.streams.consumer_backlog(stream, consumer)
             if state is not None:
                 out[label] = state
         return out
@@ -370,7 +370,7 @@ class Client:
         info = await self._store.get_function(function_id)
         if info is None or not info.triggers:
             return 0
-        done = await self._store.consumer_done(
+        done = await self._store.streams.consumer_done(
             self.names.events_stream, self.names.trigger_consumer(info.app, info.id)
         )
         return done or 0

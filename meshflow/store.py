@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import re
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
@@ -24,7 +23,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
 
 from .bus import Bus, through_elections
-from .durations import epoch_ms, from_ms, rfc3339
+from .durations import from_ms, rfc3339
 from .errors import NatsError
 from .names import (
     HDR_EXPECTED_LAST_SUBJECT_SEQ,
@@ -32,13 +31,12 @@ from .names import (
     HDR_ROLLUP,
     HDR_TTL,
     Names,
-    consumer_info_subject,
     kv_stream,
     kv_subject,
-    stream_info_subject,
 )
 from .requests import NATS_ERRORS, ApiError, Requester, retry_pauses
 from .runs import RunRecord, StepMemo, decode_memo, decode_run, encode_record
+from .streams import Streams, stored_ms
 
 _BATCH = 1024  # the most subjects one multi_last direct get may match
 
@@ -94,35 +92,9 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     seen_at: int
 
 
-class StreamState(msgspec.Struct, frozen=True):
-    """First and last sequence of a stream (what paging backwards needs)."""
-
-    messages: int = 0
-    first_seq: int = 0
-    last_seq: int = 0
-
-
-class _StreamInfo(msgspec.Struct, frozen=True):
-    state: StreamState = StreamState()
-
-
-class _SeqPair(msgspec.Struct, frozen=True):
-    consumer_seq: int = 0
-    stream_seq: int = 0
-
-
-class _ConsumerInfo(msgspec.Struct, frozen=True):
-    num_pending: int = 0
-    num_ack_pending: int = 0
-    ack_floor: _SeqPair = _SeqPair()
-    error: dict[str, Any] | None = None
-
-
-_consumer_info_decoder = msgspec.json.Decoder(_ConsumerInfo)
 _info_encoder = msgspec.json.Encoder()
 _info_decoder = msgspec.json.Decoder(FunctionInfo)
 _worker_decoder = msgspec.json.Decoder(WorkerInfo)
-_stream_info_decoder = msgspec.json.Decoder(_StreamInfo)
 
 
 class Store:
@@ -134,6 +106,7 @@ class Store:
         self._js_quick = nc.jetstream(timeout=2)  # for reads retried through elections
         self.names = names
         self.requests = requester or Requester(nc)
+        self.streams = Streams(self.requests)  # streams read a page at a time (the dashboard)
         self._runs: Any = None
         self._steps: Any = None
         self._registry: Any = None
@@ -480,83 +453,6 @@ class Store:
             raise NatsError(f"cannot read events on {subject}: {exc!r}") from exc
         return [(int(headers.get("Nats-Sequence", "0")), stored_ms(headers), data) for headers, data in msgs]
 
-    # --- reading streams backwards (newest first), for the dashboard ----------------------------
-    async def stream_state(self, stream: str) -> StreamState:
-        try:
-            msg = await self.requests.request(stream_info_subject(stream), b"", None, _TIMEOUT)
-        except _READ_ERRORS as exc:
-            raise NatsError(f"cannot read stream {stream}: {exc!r}") from exc
-        return _stream_info_decoder.decode(msg.data).state
-
-    async def newest(
-        self,
-        stream: str,
-        subject: str,
-        *,
-        before: int | None,
-        want: int,
-        keep: Callable[[bytes], bool] = lambda _: True,
-        budget: int = 10_000,
-    ) -> tuple[list[tuple[int, bytes, int]], int | None]:
-        """The newest ``want`` messages on ``subject`` below sequence ``before`` that ``keep``
-        accepts, newest first, as (sequence, data, stored time in epoch ms), and the cursor for
-        the next page (None: nothing older).
-
-        Reads windows of the stream backwards; at most ``budget`` messages are examined per call,
-        so a page with a rare filter costs a bounded read, never a scan of the whole stream (it
-        may then come back short, with a cursor to go on).
-        """
-        state = await self.stream_state(stream)
-        cursor = min(before or state.last_seq + 1, state.last_seq + 1)
-        found: list[tuple[int, bytes, int]] = []
-        examined = 0
-        window = max(want * 2, 64)
-        while cursor > state.first_seq and len(found) < want and examined < budget:
-            start = max(state.first_seq, cursor - window)
-            page: list[tuple[int, bytes, dict[str, str]]] = []
-            seq = start
-            while seq < cursor:
-                try:
-                    batch = await self.requests.direct_batch(
-                        stream, {"seq": seq, "next_by_subj": subject, "batch": min(_BATCH, cursor - seq)}
-                    )
-                except _READ_ERRORS as exc:
-                    raise NatsError(f"cannot read {stream}: {exc!r}") from exc
-                got = [(int(h.get("Nats-Sequence", "0")), d, h) for h, d in batch]
-                page.extend(
-                    (n, d, h) for n, d, h in got if n < cursor and d and h.get(HDR_KV_OPERATION) is None
-                )
-                if len(batch) < min(_BATCH, cursor - seq) or not got:
-                    break
-                seq = got[-1][0] + 1
-            examined += cursor - start
-            for n, data, headers in reversed(page):
-                if keep(data):
-                    found.append((n, data, stored_ms(headers)))
-                    if len(found) == want:
-                        return found, n
-            cursor = start
-            window = min(window * 2, _BATCH * 4)
-        return found, (cursor if cursor > state.first_seq else None)
-
-    async def consumer_backlog(self, stream: str, consumer: str) -> tuple[int, int] | None:
-        """(messages not yet delivered, delivered but not acknowledged) of a consumer, or None."""
-        info = await self._consumer_info(stream, consumer)
-        return None if info is None else (info.num_pending, info.num_ack_pending)
-
-    async def consumer_done(self, stream: str, consumer: str) -> int | None:
-        """How many messages a consumer has had acknowledged (its ack floor), or None."""
-        info = await self._consumer_info(stream, consumer)
-        return None if info is None else info.ack_floor.consumer_seq
-
-    async def _consumer_info(self, stream: str, consumer: str) -> _ConsumerInfo | None:
-        try:
-            msg = await self.requests.request(consumer_info_subject(stream, consumer), b"", None, _TIMEOUT)
-        except _READ_ERRORS as exc:
-            raise NatsError(f"cannot read consumer {consumer}: {exc!r}") from exc
-        info = _consumer_info_decoder.decode(msg.data)
-        return None if info.error is not None else info
-
     # --- registry -----------------------------------------------------------------------------
     async def put_function(self, info: FunctionInfo) -> None:
         try:
@@ -593,14 +489,3 @@ class Store:
         """Every function any worker has registered in this namespace."""
         values = await self._last_values(self.names.registry_bucket, "fn.>")
         return [_info_decoder.decode(data) for data in values.values()]
-
-
-def stored_ms(headers: dict[str, str]) -> int:
-    """When the stream stored a message read by a direct get (its ``Nats-Time-Stamp``), epoch ms."""
-    stamp = headers.get("Nats-Time-Stamp")
-    if not stamp:
-        return 0
-    try:
-        return epoch_ms(dt.datetime.fromisoformat(stamp))
-    except ValueError:
-        return 0

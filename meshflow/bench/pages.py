@@ -41,7 +41,7 @@ from meshflow.client import Client
 from meshflow.durations import from_ms, now_ms
 from meshflow.names import kv_stream, kv_subject
 from meshflow.runs import RunStatus
-from meshflow.store import StreamState
+from meshflow.streams import StreamState
 
 from . import apps, runstore
 from .harness import Ctx, Measured
@@ -171,7 +171,7 @@ async def _measure(ctx: Ctx, seeded: runstore.Seeded, now: int, figures: dict[st
     for name, samples in (await _html(client, newest, reps)).items():
         _latency(figures, name, samples)
     _latency(figures, "limit", await _timed(reps, lambda _: _limit(client)))
-    state = await client._store.stream_state(kv_stream(client.names.runs_bucket))
+    state = await client._store.streams.stream_state(kv_stream(client.names.runs_bucket))
     _latency(figures, "batch1", await _timed(reps, lambda _: _limit(client, state, size=1)))
     _latency(figures, "key_get", await _timed(reps, lambda k: client._store.get_run(runs[k])))
     for name in ("first_page", "deep_page", "failed_page", "function_page", "events_page", "html_runs"):
@@ -196,7 +196,7 @@ async def _limit(client: Client, state: StreamState | None = None, size: int = P
     (given the ``state``: the batch alone, from the same place)."""
     store, bucket = client._store, client.names.runs_bucket
     stream = kv_stream(bucket)
-    state = state or await store.stream_state(stream)
+    state = state or await store.streams.stream_state(stream)
     start = max(state.first_seq, state.last_seq - 4 * PAGE)  # 2 writes a run: about 100 live
     request = {"seq": start, "next_by_subj": kv_subject(bucket, ">"), "batch": size}
     got = await store.requests.direct_batch(stream, request)
