@@ -17,6 +17,7 @@ from .errors import RetryAfterError as RetryAfterError
 from .errors import RunNotFoundError as RunNotFoundError
 from .errors import RunTimeoutError as RunTimeoutError
 from .errors import SerializationError as SerializationError
+from .errors import StateError as StateError
 from .errors import StepError as StepError
 from .events import Event as Event
 from .flow.config import Batch as Batch
@@ -68,6 +69,7 @@ __all__ = [
     "RunTimeoutError",
     "SerializationError",
     "Singleton",
+    "StateError",
     "Step",
     "StepError",
     "StepInfo",

@@ -301,7 +301,10 @@ class Client:
         high = epoch_ms(until) if until is not None else 2**62
 
         def keep(data: bytes) -> bool:
-            record = decode_run(data)
+            try:
+                record = decode_run(data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return False  # a record nobody can read is left out of the list (get_run says why)
             return (
                 (status is None or record.status == status)
                 and (function_id is None or record.function == function_id)

@@ -11,6 +11,8 @@
     ├── NonDeterminismError    on replay, a step id came back as a different kind of step
     ├── RunNotFoundError       the client asked for a run that does not exist
     ├── RunTimeoutError        `wait_for_run` gave up before the run finished
+    ├── StateError             a stored run record or step result cannot be read (edited by hand,
+    │                          or written by an incompatible meshflow)
     └── NatsError              NATS could not be reached or refused a request (wraps nats-py errors)
 
 Errors a step handler raises to steer retries (they are not failures of meshflow itself):
@@ -82,6 +84,11 @@ class RunNotFoundError(MeshflowError, LookupError):
 
 class RunTimeoutError(MeshflowError, TimeoutError):
     """A run did not reach a terminal status within the time the caller allowed."""
+
+
+class StateError(MeshflowError):
+    """A stored run record or step result cannot be read: it was edited by hand, or written by a
+    meshflow that stores it differently. The decoding error is the `__cause__`."""
 
 
 class NatsError(MeshflowError):

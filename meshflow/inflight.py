@@ -3,7 +3,8 @@
 Pull loops take a place per message received (never across a long-poll fetch, so an idle consumer
 does not sit on the places a busy one needs), and so does a local timer's wake. A handler that
 fails with a NATS error, or is cancelled as the worker stops, leaves its message for redelivery
-(`Delivery.nak`); a local delivery hands its work to the stream instead.
+(`Delivery.nak`); a local delivery hands its work to the stream instead. One that fails in a way
+nothing foresaw (a bug, poison input) is redelivered with a growing delay, then given up on.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from .bus import Delivery
-from .errors import MeshflowError
+from .errors import MeshflowError, NatsError
 
 log = structlog.get_logger("meshflow.worker")
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+#: How often a message whose handling fails unexpectedly (not a NATS error) is delivered before
+#: it is given up on.
+POISON_DELIVERIES = 5
 
 
 class InFlight:
@@ -62,13 +67,33 @@ class InFlight:
             with contextlib.suppress(MeshflowError):
                 await delivery.abandon()
             raise
-        except Exception as exc:  # NATS trouble mid-way: leave the message for redelivery
+        except NatsError as exc:  # NATS trouble mid-way: leave the message for redelivery
             log.warning("message left for redelivery", consumer=label, error=repr(exc))
             with contextlib.suppress(MeshflowError):
                 await delivery.nak(delay=1.0)
+        except Exception:  # a bug, or input nothing foresaw: bounded, never a loop forever
+            await self._poisoned(label, delivery)
         finally:
             self._count -= 1
             self._places.release()
+
+    async def _poisoned(self, label: str, delivery: Delivery) -> None:
+        """A message whose handling failed unexpectedly: redelivered later, a few times, then
+        given up on (and said so), so one bad message never busies a worker forever."""
+        if delivery.delivered >= POISON_DELIVERIES:
+            log.exception(
+                f"message given up on after {delivery.delivered} failed deliveries",
+                consumer=label,
+                subject=delivery.subject,
+            )
+            with contextlib.suppress(MeshflowError):
+                await delivery.term()
+            return
+        log.exception(
+            "message failed unexpectedly; left for redelivery", consumer=label, subject=delivery.subject
+        )
+        with contextlib.suppress(MeshflowError):
+            await delivery.nak(delay=min(2.0**delivery.delivered, 30.0))
 
     async def drain(self, grace: float, now: asyncio.Event | None = None) -> None:
         """Wait up to ``grace`` seconds (or until ``now`` is set) for the tasks to end, then cancel

@@ -37,7 +37,7 @@ import structlog
 from . import replay
 from .bus import Bus, Delivery, RunMessage
 from .durations import now_ms
-from .errors import MeshflowError, NatsError
+from .errors import MeshflowError, NatsError, StateError
 from .events import Event, encode_event, event_limit
 from .flow.slots import Slot, Slots, StepSlots
 from .functions import Function
@@ -131,7 +131,12 @@ class Passes:
         memos: dict[str, StepMemo] | None = None,
     ) -> None:
         """Advance run ``run_id`` (as ``found``, else read now) if ``wake`` gives it anything to do."""
-        got = found or await self.store.get_run(run_id)
+        try:
+            got = found or await self.store.get_run(run_id)
+        except StateError as exc:  # no pass can read it: nothing to advance, ever
+            log.error("message for a run whose record cannot be read dropped", run_id=run_id, error=str(exc))
+            await delivery.term()
+            return
         record, rev = got if got is not None else (None, 0)
         now = now_ms()
         what = triage(
@@ -248,6 +253,9 @@ class Passes:
             try:
                 outcome, effects = await self._run(fn, delivery, own, memos, before)
                 memos = effects.memos
+            except StateError as exc:  # a step result nobody can read: the run fails, saying so
+                error = ErrorInfo(type="StateError", message=str(exc), retriable=False)
+                outcome, memos = replay.Failed(error=error), memos or {}
             except TooLarge as exc:  # a value no retry could store: the run fails, saying so
                 error = ErrorInfo(
                     type="SerializationError", message=f"{exc}: the run cannot go on", retriable=False

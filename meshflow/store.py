@@ -24,7 +24,7 @@ from nats.js.api import KeyValueConfig, StorageType
 
 from .bus import Bus, through_elections
 from .durations import from_ms, rfc3339
-from .errors import NatsError
+from .errors import NatsError, StateError
 from .names import (
     HDR_EXPECTED_LAST_SUBJECT_SEQ,
     HDR_KV_OPERATION,
@@ -53,7 +53,7 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's "wrong last sequence" error
 _TIMEOUT = 10.0
 _ATTEMPT_TIMEOUT = 3.0
 
-_KEY = re.compile(r"[-/_=.a-zA-Z0-9]{1,256}")  # what a KV key may hold
+_KEY = re.compile(r"(?=.{1,256}$)[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*")  # a KV key: tokens, no empty one
 _READ_ERRORS: tuple[type[BaseException], ...] = (ApiError, *NATS_ERRORS)
 _WATCH_POLL_FIRST = 0.05
 _WATCH_POLL_MAX = 5.0  # 10,000 waiting callers: 2,000 reads/s at most, not 10,000
@@ -255,7 +255,10 @@ class Store:
         got = await self._get(self.names.runs_bucket, run_id, f"run {run_id}")
         if got is None or got[2]:
             return None
-        return decode_run(got[0]), got[1]
+        try:
+            return decode_run(got[0]), got[1]
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StateError(f"the record of run {run_id} cannot be read: {exc}") from exc
 
     async def create_run(self, record: RunRecord) -> int | None:
         """Store a new run; None when a run with this id exists already (the claim is taken)."""
@@ -310,7 +313,11 @@ class Store:
                         yield current[0]
                     continue
                 poll = _WATCH_POLL_FIRST
-                yield decode_run(raw)
+                try:
+                    record = decode_run(raw)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    raise StateError(f"the record of run {run_id} cannot be read: {exc}") from exc
+                yield record
         finally:
             with contextlib.suppress(*NATS_ERRORS):
                 await sub.unsubscribe()
@@ -333,7 +340,10 @@ class Store:
                 raise NatsError(f"cannot read runs: {exc!r}") from exc
             for headers, data in page:
                 if data and headers.get(HDR_KV_OPERATION) not in ("DEL", "PURGE"):
-                    record = decode_run(data)
+                    try:
+                        record = decode_run(data)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        continue  # unreadable: left out (get_run says why)
                     if record.id not in seen:
                         seen.add(record.id)
                         yield record
@@ -351,12 +361,18 @@ class Store:
         stored = await self._get(self.names.steps_bucket, key, what)
         if stored is None or stored[2]:
             raise NatsError(f"{what}: the stored result vanished")
-        return decode_memo(stored[0])
+        try:
+            return decode_memo(stored[0])
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StateError(f"{what}: its stored result cannot be read: {exc}") from exc
 
     async def load_memos(self, run_id: str) -> dict[str, StepMemo]:
         """Every committed step of a run, by step hash."""
         values = await self._last_values(self.names.steps_bucket, self.names.step_prefix(run_id))
-        memos = (decode_memo(data) for data in values.values())
+        try:
+            memos = [decode_memo(data) for data in values.values()]
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StateError(f"a step result of run {run_id} cannot be read: {exc}") from exc
         return {memo.hash: memo for memo in memos}
 
     async def _last_values(self, bucket: str, keys: str | list[str]) -> dict[str, bytes]:

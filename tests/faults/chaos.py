@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import meshflow
+from meshflow.logging import configure_logging
 from meshflow.server import EmbeddedServer
 
 from .apps import CHAOS_EVENT, CHAOS_FUNCTIONS, CHAOS_STEPS, NAP_MS
@@ -56,7 +57,8 @@ class Report:
     resent_events: int
     runs_expected: int
     events_without_a_finished_run: dict[str, int]
-    runs_finished_twice: int
+    runs_finished_twice: int  # a body returned again with no harm to explain it: a stale pass went on
+    runs_finished_again_after_harm: int  # ... after its first returner (or the server) was harmed
     committed_steps_run_again: int
     early_wakes: int
     runs_unfinished_after_drain: int
@@ -130,6 +132,14 @@ class Nemesis:
                 self.stalled.discard(victim.pid)
                 self.harm.append((time.time_ns(), victim.pid, "resumed"))
 
+    def resumed_from_a_stall(self, entry: Entry) -> bool:
+        """Whether ``entry``'s worker came back from a stop shortly before it (a stale pass may
+        finish the code it was in: its step, or the code between two steps)."""
+        return any(
+            pid == entry.pid and what == "resumed" and ns <= entry.ns <= ns + 60_000_000_000
+            for ns, pid, what in self.harm
+        )
+
     def explains(self, earlier: Entry, later: Entry) -> bool:
         """Whether harm done between two executions of a step explains the second: the first's
         worker was killed or stopped, or the server was killed (a commit lost on the way)."""
@@ -198,14 +208,15 @@ def check(
     lines = ledger.lines()
     starts: dict[tuple[str, str], list[Entry]] = defaultdict(list)
     ends: dict[tuple[str, str], list[int]] = defaultdict(list)
-    returned: dict[str, int] = defaultdict(int)
+    returned: dict[str, list[Entry]] = defaultdict(list)
     for entry in lines:
         if entry.what == "start":
             starts[(entry.run, entry.step)].append(entry)
         elif entry.what == "end":
             ends[(entry.run, entry.step)].append(entry.ns)
         elif entry.what == "returned":
-            returned[entry.run] += 1
+            returned[entry.run].append(entry)
+    twice, again_after_harm = _returned_again(returned, nemesis)
     again = early = re_exec = explained = 0
     missing: dict[str, int] = {}
     for fn in CHAOS_FUNCTIONS:
@@ -225,7 +236,8 @@ def check(
         resent_events=resent,
         runs_expected=len(acked) * len(CHAOS_FUNCTIONS),
         events_without_a_finished_run=missing,
-        runs_finished_twice=sum(1 for n in returned.values() if n > 1),
+        runs_finished_twice=twice,
+        runs_finished_again_after_harm=again_after_harm,
         committed_steps_run_again=again,
         early_wakes=early,
         runs_unfinished_after_drain=sum(1 for r in runs.values() if not _finished(r)),
@@ -237,6 +249,23 @@ def check(
         load_s=round(times[0], 1),
         drain_s=round(times[1], 1),
     )
+
+
+def _returned_again(returned: dict[str, list[Entry]], nemesis: Nemesis) -> tuple[int, int]:
+    """Bodies that returned again: with no harm to explain it, and after harm.
+
+    Replay runs a body again after a crash between its return and the write of its record: harm
+    to the first returner (or to the server) explains that; and a stalled pass may finish the
+    code it was in when it stopped (after its last step: the return). A body returning again with
+    neither is a pass that went on after another had taken its run over."""
+    twice = after_harm = 0
+    for entries in returned.values():
+        for first, later in itertools.pairwise(sorted(entries, key=lambda e: e.ns)):
+            if nemesis.explains(first, later) or nemesis.resumed_from_a_stall(later):
+                after_harm += 1
+            else:
+                twice += 1
+    return twice, after_harm
 
 
 def _finished(run: meshflow.Run | None) -> bool:
@@ -321,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             flag, dest=f.name, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name)
         )
     config = Config(**vars(parser.parse_args(argv)))
+    configure_logging("warning")  # the report alone goes to stdout
     with tempfile.TemporaryDirectory(prefix="meshflow-chaos-") as tmp:
         report = asyncio.run(run(config, Path(tmp)))
     print(

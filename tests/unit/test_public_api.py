@@ -33,6 +33,7 @@ PUBLIC_API = [
     "RunTimeoutError",
     "SerializationError",
     "Singleton",
+    "StateError",
     "Step",
     "StepError",
     "StepInfo",
