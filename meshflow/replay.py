@@ -576,3 +576,5 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
                 await task
             except BaseException:  # noqa: S110 - the user's code unwinding from our cancel; nothing to report
                 pass
+        elif not task.cancelled():
+            task.exception()  # seen: a pass abandoned on an effect's error ends the function with _Abort

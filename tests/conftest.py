@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from hypothesis import settings
 
 import meshflow
 from meshflow.server import EmbeddedServer
 
 _ns = itertools.count()
+
+# Generated tests are the same on every run, so CI is repeatable; HYPOTHESIS_PROFILE=explore
+# draws new examples each time, and many more (run it when you change the engine).
+settings.register_profile("default", max_examples=150, derandomize=True, database=None)
+settings.register_profile("explore", max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
