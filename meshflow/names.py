@@ -303,3 +303,8 @@ def batch_full_id(run_id: str) -> str:
 def slot_wake_id(run_id: str, nonce: str) -> str:
     """A concurrency slot was freed for a queued run (each freeing wakes it once)."""
     return f"{run_id}:slot:{nonce}"
+
+
+def sweep_wake_id(run_id: str, key: str, deadline_ms: int) -> str:
+    """The sweeper woke a run stuck past ``deadline_ms`` on item ``key`` (once per deadline)."""
+    return f"{run_id}:sweep:{key}:{deadline_ms}"

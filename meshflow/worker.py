@@ -4,7 +4,7 @@ Per function it binds two durable consumers: ``fn-{app}-{fn}`` on the events str
 trigger claims one run per event, `Triggers`) and ``run-{app}-{fn}`` on the runs stream (advance a
 run, `Passes`); and it pulls from the ``route-{name}`` consumers of the event names runs wait for
 (`Router`). Everything a run's pass does is in ``meshflow.passes``; this module only moves
-deliveries to it.
+deliveries to it. One worker of the namespace at a time also sweeps for stuck runs (`Sweeper`).
 
 In-flight work is bounded by ``concurrency`` (`InFlight`); suspended runs hold nothing here (local
 timers for near deadlines aside, see ``timers``).
@@ -49,6 +49,7 @@ from .passes import Passes
 from .router import Router
 from .settle import Wake
 from .store import FunctionInfo, Store, WorkerInfo
+from .sweeper import Sweeper
 from .threads import DaemonThreads
 from .triggers import Triggers, cron_key
 
@@ -176,6 +177,8 @@ class Worker:
                 await self.router.ensure_route(spec.event)
         await self.router.discover()
         self._loops.append(asyncio.create_task(self._discover_routes()))
+        self.sweeper = Sweeper(store, bus, self.id)
+        self._loops.append(asyncio.create_task(self.sweeper.loop(self._stopping)))
         self._started_at = now_ms()
         await check_durability(nc, self.monitor)
         await self._announce()
