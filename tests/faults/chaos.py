@@ -4,10 +4,13 @@ for longer than the ack wait, and kills the nats-server with SIGKILL and restart
 ledger of every step execution is checked against each guarantee.
 
     python -m tests.faults.chaos --events 3000 --load 120 --kills 16 --stalls 3 --server-kills 3
+    python -m tests.faults.chaos --cluster --ack-wait 15 --stall 17 --node-kills 3 --partitions 2
 
-prints the report as JSON (exit status 1 when a guarantee was broken). ``test_chaos.py`` runs a
-small one on every ``./scripts/test``. Bounded: the load stops after ``--load`` seconds, the
-drain after ``--drain`` seconds, and every process started is stopped by its pid.
+The second runs on a 3-node cluster, killing stream leaders and cutting one node at a time off
+from the others and from every client. Each prints its report as JSON (exit status 1 when a
+guarantee was broken); ``test_chaos.py`` runs a small one on every ``./scripts/test``. Bounded:
+the load stops after ``--load`` seconds, the drain after ``--drain`` seconds, and every process
+started is stopped by its pid.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import meshflow
 from meshflow.logging import configure_logging
+from meshflow.names import kv_stream
 from meshflow.server import EmbeddedServer
 
 from .apps import CHAOS_EVENT, CHAOS_FUNCTIONS, CHAOS_STEPS, NAP_MS
+from .partitions import PartitionableCluster
 from .procs import Entry, Ledger, Worker
 
 NAMESPACE = "chaos"
@@ -47,6 +53,12 @@ class Config:
     stall_s: float = 3.5
     drain_s: float = 90.0
     seed: int = 1
+    # On a 3-node cluster instead of one server: its nodes' leaders are killed and restarted,
+    # and one node at a time is cut off from the others and from every client for partition_s.
+    cluster: bool = False
+    node_kills: int = 2
+    partitions: int = 1
+    partition_s: float = 8.0
 
 
 @dataclasses.dataclass
@@ -90,32 +102,44 @@ class Report:
 class Nemesis:
     """Does harm on a schedule and remembers when, to whom, so re-executions can be explained."""
 
-    def __init__(self, config: Config, server: EmbeddedServer, spawn: Worker, workers: list[Worker]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        server: EmbeddedServer | PartitionableCluster,
+        spawn: Callable[[], Worker],
+        workers: list[Worker],
+        client: meshflow.Client,
+    ) -> None:
         self.config = config
         self.server = server
         self.spawn = spawn
         self.workers = workers
-        self.harm: list[tuple[int, int, str]] = []  # (time ns, pid or 0 for the server, what)
+        self.client = client
+        self.harm: list[tuple[int, int, str]] = []  # (time ns, pid or 0 for the servers, what)
         self.stalled: set[int] = set()
+        self._leaders = itertools.cycle([f"{NAMESPACE.upper()}_EVENTS", kv_stream(f"{NAMESPACE}_runs")])
 
     def log(self) -> list[str]:
         t0 = self.harm[0][0] if self.harm else 0
-        return [f"+{(ns - t0) / 1e9:.1f}s {what} {pid or 'server'}" for ns, pid, what in self.harm]
+        return [f"+{(ns - t0) / 1e9:.1f}s {what}" + (f" {pid}" if pid else "") for ns, pid, what in self.harm]
 
     async def run(self, rnd: random.Random, until: float) -> None:
-        acts = (
-            ["kill"] * self.config.kills
-            + ["stall"] * self.config.stalls
-            + ["server"] * self.config.server_kills
-        )
+        c = self.config
+        acts = ["kill"] * c.kills + ["stall"] * c.stalls
+        if isinstance(self.server, PartitionableCluster):
+            acts += ["node"] * c.node_kills + ["partition"] * c.partitions
+        else:
+            acts += ["server"] * c.server_kills
         rnd.shuffle(acts)
         gap = max(0.5, (until - time.monotonic()) / (len(acts) + 1))
         for act in acts:
             await asyncio.sleep(gap * (0.5 + rnd.random()))
             live = [w for w in self.workers if w.proc.poll() is None and w.pid not in self.stalled]
-            if act == "server":
+            if act == "server" and isinstance(self.server, EmbeddedServer):
                 self.harm.append((time.time_ns(), 0, "server killed"))
                 self.server.restart(kill=True)  # blocks the loop for the restart: fine here
+            elif act in ("node", "partition") and isinstance(self.server, PartitionableCluster):
+                await self._harm_a_node(act, rnd)
             elif act == "kill" and live:
                 victim = rnd.choice(live)
                 self.harm.append((time.time_ns(), victim.pid, "killed"))
@@ -132,6 +156,31 @@ class Nemesis:
                 self.stalled.discard(victim.pid)
                 self.harm.append((time.time_ns(), victim.pid, "resumed"))
 
+    async def _harm_a_node(self, act: str, rnd: random.Random) -> None:
+        """Kill the leader of a stream (and start it again 3 s later), or cut a node off."""
+        cluster = self.server
+        assert isinstance(cluster, PartitionableCluster)
+        if act == "node":
+            stream = next(self._leaders)
+            try:
+                info = await self.client._bus.js.stream_info(stream)
+                name = info.cluster.leader if info.cluster else None
+            except Exception:  # no leader to ask right now: any node will do
+                name = None
+            name = name if name in cluster.nodes else rnd.choice(list(cluster.nodes))
+            self.harm.append((time.time_ns(), 0, f"node {name} killed (leader of {stream})"))
+            cluster.kill(name)
+            await asyncio.sleep(3.0)  # the harm itself: a node down this long
+            cluster.spawn(name)
+            self.harm.append((time.time_ns(), 0, f"node {name} restarted"))
+        else:
+            name = rnd.choice(list(cluster.nodes))
+            self.harm.append((time.time_ns(), 0, f"node {name} cut off"))
+            cluster.partition(name)
+            await asyncio.sleep(self.config.partition_s)  # the harm itself: a partition this long
+            cluster.heal(name)
+            self.harm.append((time.time_ns(), 0, f"node {name} healed"))
+
     def resumed_from_a_stall(self, entry: Entry) -> bool:
         """Whether ``entry``'s worker came back from a stop shortly before it (a stale pass may
         finish the code it was in: its step, or the code between two steps)."""
@@ -146,7 +195,7 @@ class Nemesis:
         return any(
             earlier.ns - 1_000_000_000 <= ns <= later.ns and pid in (0, earlier.pid)
             for ns, pid, what in self.harm
-            if what != "resumed"
+            if what != "resumed" and not what.endswith(("restarted", "healed"))
         )
 
 
@@ -299,7 +348,14 @@ def _early_wakes(
 async def run(config: Config, tmp: Path) -> Report:
     """One fault-injection run in ``tmp`` (the server's store, the ledger, the workers' logs)."""
     rnd = random.Random(config.seed)
-    server = EmbeddedServer(tmp / "nats").start()
+    server: EmbeddedServer | PartitionableCluster
+    if config.cluster:
+        server = PartitionableCluster(tmp / "cluster")
+        server.start()
+        urls, auth, password = server.client_urls, server.admin, server.passwords["ADMIN"]
+    else:
+        server = EmbeddedServer(tmp / "nats").start()
+        urls, auth, password = [server.url], None, ""
     ledger = Ledger(tmp / "ledger")
     gate = tmp / "gate"
     gate.touch()  # the stall test's gated step never waits here
@@ -308,13 +364,15 @@ async def run(config: Config, tmp: Path) -> Report:
 
     def spawn() -> Worker:
         log = tmp / f"worker-{next(count)}.log"
-        return Worker(server.url, NAMESPACE, ledger.path, gate, log, ack_wait=config.ack_wait)
+        nats = ",".join(urls)
+        return Worker(nats, NAMESPACE, ledger.path, gate, log, ack_wait=config.ack_wait, password=password)
 
     try:
-        workers.extend(spawn() for _ in range(config.workers))
-        async with meshflow.connect(server.url, namespace=NAMESPACE) as client:
+        replicas = 3 if config.cluster else None
+        async with meshflow.connect(urls, namespace=NAMESPACE, auth=auth, replicas=replicas) as client:
+            workers.extend(spawn() for _ in range(config.workers))
             await _registered(client)
-            nemesis = Nemesis(config, server, spawn, workers)
+            nemesis = Nemesis(config, server, spawn, workers, client)
             started = time.monotonic()
             harm = asyncio.ensure_future(nemesis.run(rnd, started + config.load_s))
             acked, resent = await send_load(client, config, rnd)
@@ -345,20 +403,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     defaults = Config()
     for f in dataclasses.fields(Config):
+        value = getattr(defaults, f.name)
         flag = "--" + f.name.removesuffix("_s").replace("_", "-")
-        parser.add_argument(
-            flag, dest=f.name, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name)
-        )
+        if isinstance(value, bool):
+            parser.add_argument(flag, dest=f.name, action="store_true")
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(value), default=value)
     config = Config(**vars(parser.parse_args(argv)))
     configure_logging("warning")  # the report alone goes to stdout
     with tempfile.TemporaryDirectory(prefix="meshflow-chaos-") as tmp:
         report = asyncio.run(run(config, Path(tmp)))
-    print(
-        json.dumps(
-            {"config": dataclasses.asdict(config), **dataclasses.asdict(report), "broken": report.broken},
-            indent=2,
-        )
-    )
+    result = {"config": dataclasses.asdict(config), **dataclasses.asdict(report), "broken": report.broken}
+    print(json.dumps(result, indent=2))
     return 1 if report.broken else 0
 
 

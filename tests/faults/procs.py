@@ -26,6 +26,7 @@ class Worker:
         *,
         ack_wait: float,
         grace: float = 30.0,
+        password: str = "",
     ) -> None:
         env = {
             **os.environ,
@@ -33,6 +34,8 @@ class Worker:
             "MESHFLOW_TEST_GATE": str(gate),
             "PYTHONPATH": str(ROOT),
         }
+        if password:  # a cluster's admin: the fault runs are about faults, not permissions
+            env |= {"MESHFLOW_NATS_USER": "admin", "MESHFLOW_NATS_PASSWORD": password}
         cmd = [sys.executable, "-m", "meshflow", "--log-level", "info", "worker", "tests.faults.apps:app"]
         cmd += ["--nats", url, "--namespace", namespace, "--ack-wait", str(ack_wait)]
         cmd += ["--shutdown-grace", str(grace)]

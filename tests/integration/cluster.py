@@ -59,7 +59,8 @@ class Node:
 class Cluster:
     """Three ``nats-server -c deploy/nats/node.conf`` processes named n1, n2, n3."""
 
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(self, root: Path, size: int = 3, *, conf: Path = NODE_CONF) -> None:
+        self.conf = conf
         ports = free_ports(3 * size)
         self.nodes = {
             f"n{i + 1}": Node(
@@ -88,10 +89,14 @@ class Cluster:
             "NATS_STORE": str(node.store),
         }
         for i, peer in enumerate(self.nodes.values(), start=1):
-            env[f"NATS_ROUTE_{i}"] = f"nats-route://127.0.0.1:{peer.route_port}"
+            env[f"NATS_ROUTE_{i}"] = self.route_url(node, peer)
         for who, password in self.passwords.items():
             env[f"NATS_{who}_PASSWORD"] = password
         return env
+
+    def route_url(self, node: Node, peer: Node) -> str:
+        """The URL ``node`` reaches ``peer``'s route port at."""
+        return f"nats-route://127.0.0.1:{peer.route_port}"
 
     def spawn(self, name: str) -> None:
         """Start node ``name`` (again) on its ports and store; `ready` tells when it serves clients.
@@ -105,7 +110,7 @@ class Cluster:
         node.store.mkdir(parents=True, exist_ok=True)
         node.log_offset = node.log.stat().st_size if node.log.exists() else 0
         node.proc = subprocess.Popen(
-            [find_binary(), "-c", str(NODE_CONF), "-l", str(node.log)],
+            [find_binary(), "-c", str(self.conf), "-l", str(node.log)],
             env=self._env(node),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
