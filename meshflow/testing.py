@@ -1,6 +1,7 @@
 """Helpers that users' tests and ours share.
 
-- `wait_until`: poll a condition with a deadline, instead of sleeping.
+- `wait_until`: poll a condition with a deadline, instead of sleeping; `registered`: wait until
+  a worker (in another process, say) has registered a function.
 - The replay engine without NATS: `FakeClock` (time that moves only when the test says),
   `MemoryEffects` (the steps bucket and the events stream in memory: first commit of a step
   wins, sends are recorded) and `EngineRun`, a run kept between passes the way a worker keeps it,
@@ -18,12 +19,15 @@ import dataclasses
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .events import Event
 from .functions import Function
 from .replay import Activation, Completed, Failed, Outcome, Suspended, execute
 from .runs import Pending, StepMemo
+
+if TYPE_CHECKING:
+    from .client import Client
 
 T = TypeVar("T")
 
@@ -31,13 +35,33 @@ T = TypeVar("T")
 EPOCH_MS = 1_700_000_000_000
 
 
+@overload
 async def wait_until(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = ...,  # noqa: ASYNC109
+    interval: float = ...,
+    message: str = ...,
+) -> T: ...
+
+
+@overload
+async def wait_until(
+    predicate: Callable[[], T],
+    *,
+    timeout: float = ...,  # noqa: ASYNC109
+    interval: float = ...,
+    message: str = ...,
+) -> T: ...
+
+
+async def wait_until(
+    predicate: Callable[[], Any],
     *,
     timeout: float = 10.0,  # noqa: ASYNC109 - a deadline is what this helper is for
     interval: float = 0.02,
     message: str = "condition",
-) -> T:
+) -> Any:
     """Poll ``predicate`` (sync or async) until it returns something truthy; return that value.
 
     Raises:
@@ -55,6 +79,16 @@ async def wait_until(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{message} not met within {timeout}s (last value: {last!r})")
         await asyncio.sleep(interval)
+
+
+async def registered(client: Client, fn: Function, *, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    """Wait until some worker has registered ``fn`` (so its consumers exist and events sent from
+    now on reach it), for up to ``timeout`` seconds; `TimeoutError` saying which function."""
+
+    async def listed() -> bool:
+        return any(f.full_id == fn.full_id for f in await client.functions())
+
+    await wait_until(listed, timeout=timeout, message=f"a worker registered {fn.full_id}")
 
 
 class FakeClock:

@@ -16,11 +16,10 @@ import meshflow
 from meshflow.events import RECORD_ROOM, stream_event_id
 from meshflow.names import Names
 from meshflow.server import EmbeddedServer
-from meshflow.testing import wait_until
+from meshflow.testing import registered, wait_until
 
 from .apps import stall
 from .procs import Ledger, Worker
-from .test_stall import registered
 
 MAX_PAYLOAD = 1_048_576  # the server's default
 # Sizes where the run record (the event plus its fields), or a KV write's payload plus its

@@ -12,11 +12,10 @@ import pytest
 
 import meshflow
 from meshflow.server import EmbeddedServer
-from meshflow.testing import wait_until
+from meshflow.testing import registered, wait_until
 
 from .apps import stall
 from .procs import Ledger, Worker
-from .test_stall import registered
 
 
 async def start_blocked_run(client: meshflow.Client, first: Worker, ledger: Ledger) -> str:

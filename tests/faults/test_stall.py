@@ -11,7 +11,7 @@ import pytest
 
 import meshflow
 from meshflow.server import EmbeddedServer
-from meshflow.testing import wait_until
+from meshflow.testing import registered, wait_until
 
 from .apps import stall
 from .procs import Ledger, Worker
@@ -26,13 +26,6 @@ def workers() -> Iterator[list[Worker]]:
     yield started
     for worker in started:
         worker.stop()
-
-
-async def registered(client: meshflow.Client, fn: meshflow.Function) -> None:
-    async def listed() -> bool:
-        return any(f.full_id == fn.full_id for f in await client.functions())
-
-    await wait_until(listed, timeout=30, message=f"a worker registered {fn.full_id}")
 
 
 class Scene:

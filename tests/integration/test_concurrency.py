@@ -11,10 +11,10 @@ from structlog.testing import capture_logs
 
 import meshflow
 from meshflow.server import EmbeddedServer
-from meshflow.testing import wait_until
+from meshflow.testing import registered, wait_until
 
 from .apps import limited
-from .test_crash import WorkerProcess, registered, workers  # noqa: F401 - the fixture is used by name
+from .test_crash import WorkerProcess, workers  # noqa: F401 - the fixture is used by name
 
 
 def overlaps(ledger: Path) -> tuple[dict[str, int], dict[str, int]]:

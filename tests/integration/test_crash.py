@@ -14,7 +14,7 @@ import pytest
 
 import meshflow
 from meshflow.server import EmbeddedServer
-from meshflow.testing import wait_until
+from meshflow.testing import registered, wait_until
 
 from .apps import crashy
 
@@ -63,15 +63,6 @@ def workers(nats_server: EmbeddedServer, namespace: str, tmp_path: Path) -> Iter
     yield started
     for w in started:
         w.stop()
-
-
-async def registered(client: meshflow.Client, fn: meshflow.Function) -> None:
-    """Wait until a worker process has registered ``fn`` (so its consumers exist)."""
-
-    async def listed() -> bool:
-        return any(f.full_id == fn.full_id for f in await client.functions())
-
-    await wait_until(listed, timeout=30, message=f"a worker registered {fn.full_id}")
 
 
 def ledger_counts(path: Path) -> Counter[tuple[str, str]]:
