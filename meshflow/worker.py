@@ -271,6 +271,17 @@ class Worker:
         log.error("the connection to NATS closed for good; the worker stops", worker=self.id, reason=reason)
         self._stopper = asyncio.ensure_future(self.stop(grace=5.0))
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since the worker started: passes abandoned because another pass took their
+        run over (a stall past the ack wait), runs the sweeper woke, deliveries in flight now."""
+        started = self._started_at != 0
+        return {
+            "passes_abandoned": self.passes.abandoned if started else 0,
+            "runs_swept": self.sweeper.woken if started else 0,
+            "in_flight": len(self.inflight.tasks),
+        }
+
     async def __aenter__(self) -> Worker:
         await self.start()
         return self

@@ -97,6 +97,7 @@ async def test_a_stalled_worker_that_resumes_after_another_finished_its_runs_run
         return stalled.logged("pass abandoned") >= RUNS or any(again[(r, "b3")] for r in run_ids)
 
     await wait_until(settled, timeout=30, message="the stalled passes stopped or went on")
+    assert stalled.logged("pass abandoned: another pass holds the run") == RUNS  # each said so, once
     ends = scene.ledger.count("end")
     assert all(ends[(r, "b2")] == 2 for r in run_ids)  # the stalled step itself ran twice: allowed
     assert scene.ledger.count("end", pid=other.pid)[(run_ids[0], "b3")] == 1

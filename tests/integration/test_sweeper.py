@@ -33,6 +33,7 @@ async def test_a_sleeping_run_whose_schedule_is_gone_is_woken_by_the_sweeper(
         assert (await client.get_run(run.id)).status is meshflow.RunStatus.SLEEPING
         assert await second.sweeper.lead()
         assert await second.sweeper.sweep(grace_ms=0) == 1
+        assert second.stats["runs_swept"] == 1  # what the worker counts (and will export)
         done = await client.wait_for_run(run.id, timeout=30)
         assert done.output == "woke"
         assert await second.sweeper.sweep(grace_ms=0) == 0  # a run that moved on is left alone
@@ -53,3 +54,4 @@ async def test_one_worker_at_a_time_sweeps_and_another_takes_over_when_its_lease
         await one.store.put_flow("sweeper", b"", (await one.store.get_flow("sweeper") or (b"", 0))[1], 1)
         assert await second.lead()  # the lease went (its holder died): the other leads now
         assert not await first.lead()
+
