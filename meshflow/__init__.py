@@ -34,6 +34,7 @@ from .functions import Timeouts as Timeouts
 from .functions import TriggerCron as TriggerCron
 from .functions import TriggerEvent as TriggerEvent
 from .retries import Retry as Retry
+from .runs import Attempt as Attempt
 from .runs import RunStatus as RunStatus
 from .steps import Context as Context
 from .steps import Step as Step
@@ -42,6 +43,7 @@ from .worker import Worker as Worker
 
 __all__ = [
     "App",
+    "Attempt",
     "Batch",
     "Cancel",
     "Client",

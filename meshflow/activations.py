@@ -18,7 +18,7 @@ import msgspec
 from .durations import now_ms
 from .events import Event
 from .functions import Function
-from .runs import ErrorInfo, Pending, StepMemo
+from .runs import Attempt, ErrorInfo, Pending, StepMemo
 
 
 class Effects(Protocol):
@@ -44,6 +44,9 @@ class Activation:
     memos: Mapping[str, StepMemo] = field(default_factory=dict)
     pending: Sequence[Pending] = ()
     step_failures: Mapping[str, int] = field(default_factory=dict)
+    step_history: Mapping[str, Sequence[Attempt]] = field(default_factory=dict)  # of steps retrying
+    history: Sequence[Attempt] = ()  # the function's failed attempts
+    worker: str = ""  # who runs this pass, for the attempts it records
     clock: Callable[[], int] = now_ms
     random: Callable[[], float] = random.random
     logger: Any = None
@@ -75,12 +78,15 @@ class Completed(msgspec.Struct, frozen=True, tag=True):
 
 class Failed(msgspec.Struct, frozen=True, tag=True):
     error: ErrorInfo
+    history: list[Attempt] = msgspec.field(default_factory=list)  # the function's attempts, if it failed
 
 
 class Suspended(msgspec.Struct, frozen=True, tag=True):
     pending: list[Pending]
     step_failures: dict[str, int]
     attempt: int  # function-level failures so far (raised by a RUN_RETRY)
+    step_history: dict[str, list[Attempt]] = msgspec.field(default_factory=dict)
+    history: list[Attempt] = msgspec.field(default_factory=list)
 
 
 class Cancelled(msgspec.Struct, frozen=True, tag=True):

@@ -37,7 +37,17 @@ from .events import (
 from .ids import is_ulid, run_id_for, ulid_time_ms
 from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names, kv_stream, kv_subject
 from .requests import NATS_ERRORS
-from .runs import NEVER, ErrorInfo, Pending, PendingKind, RunRecord, RunStatus, StepMemo, decode_run
+from .runs import (
+    NEVER,
+    Attempt,
+    ErrorInfo,
+    Pending,
+    PendingKind,
+    RunRecord,
+    RunStatus,
+    StepMemo,
+    decode_run,
+)
 from .store import FunctionInfo, Store, WorkerInfo
 
 
@@ -55,6 +65,9 @@ class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
     until: int | None = None  # for a pending step: when it resumes or times out (epoch ms)
     waits_for: list[str] = msgspec.field(default_factory=list)  # a waiting step: the event names
     child_run_id: str | None = None  # an invoke step: the run it started
+    # Every attempt, oldest first: when, on which worker, and its error (the last 50; only the
+    # last 5 with their tracebacks). A step still retrying shows the attempts so far.
+    history: list[Attempt] = msgspec.field(default_factory=list)
 
 
 class Run(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +88,7 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     parent_id: str | None = None  # an invoked run: the run whose step invoked it
     replay_of: str | None = None  # a replayed run: the run it replays
     updated_at: int = 0
+    history: list[Attempt] = msgspec.field(default_factory=list)  # the function's failed attempts
 
     @property
     def finished(self) -> bool:
@@ -90,7 +104,12 @@ _PENDING_VIEW = {
 }
 
 
-def _steps(memos: dict[str, StepMemo], pending: list[Pending]) -> list[StepInfo]:
+def _steps(
+    memos: dict[str, StepMemo],
+    pending: list[Pending] | None = None,
+    step_history: dict[str, list[Attempt]] | None = None,
+) -> list[StepInfo]:
+    tried = step_history or {}
     out = [
         StepInfo(
             id=m.id,
@@ -102,10 +121,11 @@ def _steps(memos: dict[str, StepMemo], pending: list[Pending]) -> list[StepInfo]
             output=decode_value(m.output),
             error=m.error,
             child_run_id=m.child,
+            history=m.history or [_only_attempt(m)],
         )
         for m in memos.values()
     ]
-    for p in pending:
+    for p in pending or []:
         if p.key in memos or p.kind == "run_retry":
             continue
         kind, status = _PENDING_VIEW[p.kind]
@@ -120,11 +140,23 @@ def _steps(memos: dict[str, StepMemo], pending: list[Pending]) -> list[StepInfo]
                 error=p.error,
                 waits_for=[w.event for w in p.waits],
                 child_run_id=p.invoke.run_id if p.invoke else None,
+                history=tried.get(p.key, []),
             )
         )
     # In execution order: by start, then by end (a step still pending ends last); steps within
     # the same millisecond keep the order they were committed in (memos load in stream order).
     return sorted(out, key=lambda s: (s.started_at or 0, s.ended_at or 2**63))
+
+
+def _only_attempt(memo: StepMemo) -> Attempt:
+    """The one attempt of a step that needed one (its memo says when and where it ran)."""
+    return Attempt(
+        attempt=memo.attempts,
+        started_at=memo.started_at,
+        ended_at=memo.ended_at,
+        worker=memo.worker,
+        error=memo.error,
+    )
 
 
 class Client:
@@ -179,10 +211,11 @@ class Client:
             output=decode_value(record.output),
             error=record.error,
             pending=record.pending,
-            steps=_steps(memos, record.pending),
+            steps=_steps(memos, record.pending, record.step_history),
             parent_id=record.parent.run_id if record.parent else None,
             replay_of=record.replay_of,
             updated_at=record.updated_at,
+            history=record.history,
         )
 
     async def wait_for_run(
@@ -411,7 +444,7 @@ class Client:
 
     async def step_memos(self, run_id: str) -> list[StepInfo]:
         """A run's committed steps (no pending ones), in execution order."""
-        return _steps(await self._store.load_memos(run_id), [])
+        return _steps(await self._store.load_memos(run_id))
 
     async def watch_run(self, run_id: str) -> AsyncGenerator[Run, None]:
         """Yield the run (without steps) now and each time its record changes."""

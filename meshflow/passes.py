@@ -34,7 +34,8 @@ from typing import Any
 import msgspec
 import structlog
 
-from . import replay
+from . import attempts, replay
+from .attempts import interrupted
 from .bus import Bus, Delivery, RunMessage
 from .durations import now_ms
 from .errors import MeshflowError, NatsError, StateError
@@ -186,13 +187,8 @@ class Passes:
         leased = self.leased(record, now_ms())
         if not record.armed:  # created elsewhere (an invoke, a replay): set up its timeouts now
             leased = msgspec.structs.replace(leased, armed=True)
-        interrupted = _interrupted(record)
-        if interrupted:  # a pass that never ended was running these: each counts as an attempt
-            failures = dict(record.step_failures)
-            for key in interrupted:
-                failures[key] = failures.get(key, 0) + 1
-            leased = msgspec.structs.replace(leased, step_failures=failures)
-            log.info("steps interrupted by a worker that died or stopped count as attempts", run_id=record.id)
+        if _interrupted(record):  # a pass that never ended was running these: each is an attempt
+            leased = self._count_interrupted(leased, record)
         try:
             rev = await self.store.update_run(leased, rev)
         except RunConflict:
@@ -221,6 +217,18 @@ class Passes:
             owner=owner,
             stopping=lambda: self.stopping,
         )
+
+    def _count_interrupted(self, leased: RunRecord, record: RunRecord) -> RunRecord:
+        """``leased`` with an attempt recorded for each step the pass before was running."""
+        assert record.lease is not None
+        failures = dict(record.step_failures)
+        history = {key: list(tried) for key, tried in record.step_history.items()}
+        for key in _interrupted(record):
+            failures[key] = failures.get(key, 0) + 1
+            cut = interrupted(failures[key], record.lease, self.lease_ms)
+            history[key] = attempts.kept([*history.get(key, []), cut])
+        log.info("steps interrupted by a worker that died or stopped count as attempts", run_id=record.id)
+        return msgspec.structs.replace(leased, step_failures=failures, step_history=history)
 
     def leased(self, record: RunRecord, now: int) -> RunRecord:
         """``record`` running under this worker's lease, to be written by compare-and-set."""
@@ -308,7 +316,14 @@ class Passes:
             memos = await self.store.load_memos(record.id)
         effects = StoreEffects(self.store, self.bus, own, memos)
         opened = opened_before(before, delivery.redelivered)
-        pending, failures, attempt = record.pending, record.step_failures, record.attempt
+        # where the run stands: what the record holds, then what a pass that went on at once left
+        state = replay.Suspended(
+            pending=record.pending,
+            step_failures=record.step_failures,
+            attempt=record.attempt,
+            step_history=record.step_history,
+            history=record.history,
+        )
         if own.slots:
             own.step_slots = StepSlots(self.slots, fn, record, own.owner)
         beat = asyncio.create_task(self._heartbeat(delivery, own))
@@ -320,10 +335,13 @@ class Passes:
                         function=fn,
                         run_id=record.id,
                         events=record.events,
-                        attempt=attempt,
+                        attempt=state.attempt,
                         memos=effects.memos,
-                        pending=pending,
-                        step_failures=failures,
+                        pending=state.pending,
+                        step_failures=state.step_failures,
+                        step_history=state.step_history,
+                        history=state.history,
+                        worker=self.worker_id,
                         seq=record.seq,
                         created_at=record.created_at,
                         cancelled=lambda: record.id in self._cancel_signals,
@@ -340,7 +358,7 @@ class Passes:
                     record, outcome.pending, opened, effects
                 ):
                     break
-                pending, failures, attempt = outcome.pending, outcome.step_failures, outcome.attempt
+                state = outcome
         finally:
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -36,8 +36,10 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
+import msgspec
 import structlog
 
+from . import attempts
 from .activations import Activation as Activation
 from .activations import Cancelled as Cancelled
 from .activations import Completed as Completed
@@ -63,6 +65,7 @@ from .names import sent_event_id
 from .retries import Retry, attempts_left, never_retried, retry_delay_ms, retry_policy
 from .runs import (
     NULL,
+    Attempt,
     ErrorInfo,
     Pending,
     PendingKind,
@@ -129,6 +132,8 @@ class _Pass:
         self.old_pending = {p.key: p for p in act.pending}
         self.parked: dict[str, Pending] = {}
         self.step_failures = dict(act.step_failures)
+        self.step_history = {key: list(tried) for key, tried in act.step_history.items()}
+        self.started = act.clock()
         self.running = 0
         # A concurrency limit counts executing steps: each executes holding a slot.
         self.step_slot = act.step_slot
@@ -244,44 +249,13 @@ class _Pass:
                     isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling()
                 ):
                     raise  # the pass is abandoned or cancelled (the worker stops): not the step's failure
-                now = self.act.clock()
-                if not never_retried(exc) and attempts_left(policy, failures + 1):
-                    until = now + retry_delay_ms(exc, policy, failures + 1, now, self.act.random())
-                    self.step_failures[key] = failures + 1
-                    retry = Pending(
-                        kind=PendingKind.STEP_RETRY,
-                        key=key,
-                        step_id=step_id,
-                        until=until,
-                        since=now,
-                        attempt=failures + 1,
-                        error=error_info(exc, retriable=True),
-                    )
-                else:
-                    memo = StepMemo(
-                        id=step_id,
-                        hash=key,
-                        kind=StepKind.RUN,
-                        status=StepStatus.FAILED,
-                        error=error_info(exc, retriable=False),
-                        attempts=failures + 1,
-                        started_at=started,
-                        ended_at=now,
-                    )
+                memo, retry = self._attempted(step_id, key, policy, failures, started, exc, None)
             else:
-                memo = StepMemo(
-                    id=step_id,
-                    hash=key,
-                    kind=StepKind.RUN,
-                    status=StepStatus.COMPLETED,
-                    output=output,
-                    attempts=failures + 1,
-                    started_at=started,
-                    ended_at=self.act.clock(),
-                )
+                memo, retry = self._attempted(step_id, key, policy, failures, started, None, output)
             if memo is not None:
                 memo = await self.effect(self.effects.commit(memo))
                 self.memos[key] = memo
+                self.step_history.pop(key, None)
         finally:
             self.running -= 1
             self.bump()
@@ -289,6 +263,32 @@ class _Pass:
             await self.park(retry)
         assert memo is not None
         return memo
+
+    def _attempted(
+        self,
+        step_id: str,
+        key: str,
+        policy: Retry,
+        failures: int,
+        started: int,
+        exc: BaseException | None,
+        output: msgspec.Raw | None,
+    ) -> tuple[StepMemo | None, Pending | None]:
+        """What one attempt of a step comes to (`attempts.after`): the memo to commit, or the
+        retry to wait for; the attempts so far are kept for the next pass meanwhile."""
+        now = self.act.clock()
+        after = attempts.after(
+            attempts.Tried(step_id, key, failures + 1, started, now, self.act.worker),
+            history=self.step_history.get(key, []),
+            policy=policy,
+            exc=exc,
+            output=output,
+            rnd=self.act.random(),
+        )
+        if after.retry is not None:
+            self.step_failures[key] = failures + 1
+            self.step_history[key] = after.history
+        return after.memo, after.retry
 
     async def _call(self, key: str, step_id: str, handler: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         token = _in_step.set(step_id)
@@ -484,12 +484,25 @@ class _Pass:
         return list(decode_value(memo.output))
 
     # --- ending the pass ---------------------------------------------------------------------
-    def suspended(self, attempt: int | None = None) -> Suspended:
+    def suspended(self, attempt: int | None = None, history: list[Attempt] | None = None) -> Suspended:
         return Suspended(
             pending=list(self.parked.values()),
             step_failures=self.step_failures,
             attempt=self.act.attempt if attempt is None else attempt,
+            step_history=self.step_history,
+            history=list(self.act.history) if history is None else history,
         )
+
+    def failed_attempt(self, error: ErrorInfo) -> list[Attempt]:
+        """The function's attempts with this one, which failed in this pass."""
+        this = Attempt(
+            attempt=self.act.attempt + 1,
+            started_at=self.started,
+            ended_at=self.act.clock(),
+            worker=self.act.worker,
+            error=error,
+        )
+        return attempts.kept([*self.act.history, this])
 
     def finish(self, task: asyncio.Task[Any]) -> Outcome:
         if task.cancelled():
@@ -504,12 +517,15 @@ class _Pass:
                 limit = self.act.max_value_bytes
                 return Completed(output=encode_value(task.result(), what="the function", limit=limit))
             except SerializationError as err:
-                return Failed(error=error_info(err, retriable=False))
+                error = error_info(err, retriable=False)
+                return Failed(error=error, history=self.failed_attempt(error))
         policy = self.act.function.retry
         failures = self.act.attempt + 1
         if never_retried(exc) or not attempts_left(policy, failures):
-            return Failed(error=error_info(exc, retriable=False))
+            error = error_info(exc, retriable=False)
+            return Failed(error=error, history=self.failed_attempt(error))
         now = self.act.clock()
+        error = error_info(exc, retriable=True)
         self.parked = {
             "run": Pending(
                 kind=PendingKind.RUN_RETRY,
@@ -517,10 +533,10 @@ class _Pass:
                 until=now + retry_delay_ms(exc, policy, failures, now, self.act.random()),
                 since=now,
                 attempt=failures,
-                error=error_info(exc, retriable=True),
+                error=error,
             )
         }
-        return self.suspended(attempt=failures)
+        return self.suspended(attempt=failures, history=self.failed_attempt(error))
 
 
 async def execute(act: Activation, effects: Effects) -> Outcome:
@@ -533,7 +549,11 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
     retry = next((p for p in act.pending if p.kind is PendingKind.RUN_RETRY), None)
     if retry is not None and act.clock() < retry.until:  # woken early: the backoff is not over
         return Suspended(
-            pending=list(act.pending), step_failures=dict(act.step_failures), attempt=act.attempt
+            pending=list(act.pending),
+            step_failures=dict(act.step_failures),
+            attempt=act.attempt,
+            step_history={key: list(tried) for key, tried in act.step_history.items()},
+            history=list(act.history),
         )
     engine = _Pass(act, effects)
     base = act.logger if act.logger is not None else structlog.get_logger("meshflow.run")

@@ -184,6 +184,18 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     retriable: bool = True
 
 
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt of a step (or of the function, for an error outside steps): when it ran, on
+    which worker, and its error (None: it succeeded). ``ended_at`` is None for an attempt whose
+    worker stopped or died while it ran (its error then says so)."""
+
+    attempt: int
+    started_at: int
+    ended_at: int | None = None
+    worker: str = ""
+    error: ErrorInfo | None = None
+
+
 class Pending(msgspec.Struct, frozen=True, kw_only=True):
     """Something a suspended run waits for: a sleep's wake time or a retry's backoff."""
 
@@ -245,6 +257,10 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None = None
     pending: list[Pending] = msgspec.field(default_factory=list)
     step_failures: dict[str, int] = msgspec.field(default_factory=dict)
+    # The attempts so far of steps not committed yet (a step retrying), by step hash; a
+    # committed step's memo holds its own.
+    step_history: dict[str, list[Attempt]] = msgspec.field(default_factory=dict)
+    history: list[Attempt] = msgspec.field(default_factory=list)  # the function's failed attempts
     lease: Lease | None = None
     replay_of: str | None = None
     failure_of: str | None = None  # for on_failure runs: the run that failed
@@ -270,6 +286,8 @@ class StepMemo(msgspec.Struct, frozen=True, kw_only=True):
     ended_at: int
     seq: int = 0  # WAIT: the taken event's sequence in the events stream
     child: str | None = None  # INVOKE: the child run's id
+    worker: str = ""  # the worker whose attempt this result is
+    history: list[Attempt] = msgspec.field(default_factory=list)  # every attempt, when there were several
 
 
 def safe_str(exc: BaseException) -> str:

@@ -203,6 +203,8 @@ def _suspend(before: RunRecord, current: RunRecord, outcome: Suspended, facts: P
         status,
         pending=outcome.pending,
         step_failures=outcome.step_failures,
+        step_history=outcome.step_history,
+        history=outcome.history,
         attempt=outcome.attempt,
         lease=None,
         updated_at=facts.now,
@@ -214,10 +216,12 @@ def _suspend(before: RunRecord, current: RunRecord, outcome: Suspended, facts: P
 def _end(
     fn: Function, before: RunRecord, current: RunRecord, outcome: Outcome, facts: PassFacts
 ) -> Settlement:
+    history = current.history
     if isinstance(outcome, Completed):
         status, output, error = RunStatus.COMPLETED, outcome.output, None
     elif isinstance(outcome, Failed):
         status, output, error = RunStatus.FAILED, NULL, outcome.error
+        history = outcome.history or history
     else:
         reason = current.cancel.reason if current.cancel else "cancelled"
         status, output = RunStatus.CANCELLED, NULL
@@ -228,6 +232,9 @@ def _end(
         output=output,
         error=error,
         pending=[],
+        # a committed step's memo holds its own attempts; those of steps never committed stay
+        step_history={k: v for k, v in current.step_history.items() if k not in facts.memos},
+        history=history,
         lease=None,
         ended_at=facts.now,
         updated_at=facts.now,

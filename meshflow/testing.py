@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from .events import Event
 from .functions import Function
 from .replay import Activation, Completed, Failed, Outcome, Suspended, execute
-from .runs import Pending, StepMemo
+from .runs import Attempt, Pending, StepMemo
 
 if TYPE_CHECKING:
     from .client import Client
@@ -139,6 +139,8 @@ class EngineRun:
     attempt: int = 0
     pending: list[Pending] = dataclasses.field(default_factory=list)
     step_failures: dict[str, int] = dataclasses.field(default_factory=dict)
+    step_history: dict[str, list[Attempt]] = dataclasses.field(default_factory=dict)
+    history: list[Attempt] = dataclasses.field(default_factory=list)
     outcomes: list[Outcome] = dataclasses.field(default_factory=list)
     effects: MemoryEffects = dataclasses.field(init=False)
 
@@ -160,6 +162,9 @@ class EngineRun:
             memos=dict(self.effects.memos),
             pending=list(self.pending),
             step_failures=dict(self.step_failures),
+            step_history=dict(self.step_history),
+            history=list(self.history),
+            worker="engine-run",
             clock=self.clock,
             random=lambda: 0.0,
             seq=self.seq,
@@ -173,6 +178,8 @@ class EngineRun:
         if isinstance(outcome, Suspended):
             self.pending = outcome.pending
             self.step_failures = outcome.step_failures
+            self.step_history = outcome.step_history
+            self.history = outcome.history
             self.attempt = outcome.attempt
         return outcome
 

@@ -66,6 +66,9 @@ async def test_a_second_signal_stops_a_worker_at_once_and_its_step_runs_again_as
     assert run.status is meshflow.RunStatus.COMPLETED
     b2 = next(s for s in run.steps if s.id == "b2")
     assert b2.attempts == 2  # the interrupted attempt counts
+    cut, done = b2.history
+    assert (cut.attempt, cut.ended_at, cut.error.type if cut.error else None) == (1, None, "Interrupted")
+    assert (done.attempt, done.error) == (2, None)
     assert ledger.count("end")[(run_id, "b1")] == 1
 
 

@@ -54,4 +54,3 @@ async def test_one_worker_at_a_time_sweeps_and_another_takes_over_when_its_lease
         await one.store.put_flow("sweeper", b"", (await one.store.get_flow("sweeper") or (b"", 0))[1], 1)
         assert await second.lead()  # the lease went (its holder died): the other leads now
         assert not await first.lead()
-

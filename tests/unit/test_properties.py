@@ -308,13 +308,19 @@ async def _drive(run: EngineRun, dropped: set[int]) -> Any:
     and abandoning those whose commits fail; the outcome of the last."""
     outcome = None
     for n in range(200):
-        before = (list(run.pending), dict(run.step_failures), run.attempt)
+        before = (
+            list(run.pending),
+            dict(run.step_failures),
+            run.attempt,
+            dict(run.step_history),
+            list(run.history),
+        )
         try:
             outcome = await run.advance()
         except meshflow.NatsError:
             continue  # the pass was abandoned: the run resumes from what was committed
         if n in dropped and isinstance(outcome, Suspended) and before[0]:  # the record's write was lost
-            run.pending, run.step_failures, run.attempt = before
+            run.pending, run.step_failures, run.attempt, run.step_history, run.history = before
         elif not isinstance(outcome, Suspended):
             return outcome
         run.clock.now = max(run.clock.now, min(p.until for p in run.pending))

@@ -6,6 +6,7 @@ import meshflow
 
 PUBLIC_API = [
     "App",
+    "Attempt",
     "Batch",
     "Cancel",
     "Client",
