@@ -78,18 +78,41 @@ async def _run_context(request: Request) -> dict[str, Any]:
     span = max(end - start, 1)
     bars = []
     for step in run.steps:
-        s0 = (step.started_at or start) - start
-        s1 = (step.ended_at or end) - start
+        first = step.history[0].started_at if step.history else step.started_at
+        began = first or step.started_at or start
+        s0, s1 = began - start, (step.ended_at or end) - start
         bars.append(
             {
                 "step": step,
                 "left": round(100 * s0 / span, 2),
                 "width": max(round(100 * (s1 - s0) / span, 2), 0.5),
-                "duration": (step.ended_at - step.started_at) if step.ended_at and step.started_at else None,
+                "duration": (step.ended_at - began) if step.ended_at else None,
+                # one mark per attempt on the timeline: the gaps between them are the backoffs
+                "segments": _segments(step.history, start, end, span),
             }
         )
     children = [s.child_run_id for s in run.steps if s.child_run_id]
     return {"run": run, "bars": bars, "children": children, "span": span}
+
+
+def _segments(history: list[meshflow.Attempt], start: int, end: int, span: int) -> list[dict[str, Any]]:
+    return [_segment(a, start, end, span) for a in history] if len(history) > 1 else []
+
+
+def _segment(attempt: meshflow.Attempt, start: int, end: int, span: int) -> dict[str, Any]:
+    s0 = attempt.started_at - start
+    s1 = (attempt.ended_at or end) - start
+    if attempt.error is None:
+        cls = "s-completed"
+    elif attempt.ended_at is None:
+        cls = "s-interrupted"
+    else:
+        cls = "s-failed"
+    return {
+        "left": round(100 * s0 / span, 2),
+        "width": max(round(100 * (s1 - s0) / span, 2), 0.5),
+        "cls": cls,
+    }
 
 
 async def run_detail(request: Request) -> Response:

@@ -11,9 +11,11 @@ never run again.
 
 from __future__ import annotations
 
+import os
 import secrets
 import traceback as tb
 from enum import StrEnum
+from types import TracebackType
 from typing import Any
 
 import msgspec
@@ -298,6 +300,18 @@ def safe_str(exc: BaseException) -> str:
         return f"<str() of {type(exc).__name__} raised {type(inner).__name__}>"
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _from_user_code(frames: TracebackType | None) -> TracebackType | None:
+    """A traceback from its first frame outside meshflow on (the engine's frames that called the
+    user's handler say nothing to its author); all of it when every frame is meshflow's."""
+    first = frames
+    while first is not None and first.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        first = first.tb_next
+    return first or frames
+
+
 #: What of an error is stored: the first 4 KiB of its message, the last 16 KiB of its traceback
 #: (where it was raised), each with a note of how much was cut.
 MAX_MESSAGE = 4 * 1024
@@ -307,10 +321,11 @@ MAX_TRACEBACK = 16 * 1024
 def error_info(exc: BaseException, *, retriable: bool) -> ErrorInfo:
     """Describe ``exc`` for storage (bounded: `MAX_MESSAGE`, `MAX_TRACEBACK`), robust to exceptions
     whose ``__str__`` raises."""
+    frames = _from_user_code(exc.__traceback__)
     try:
-        trace = "".join(tb.format_exception(exc))
+        trace = "".join(tb.format_exception(type(exc), exc, frames))
     except BaseException:  # format_exception calls __str__ too
-        trace = "".join(tb.format_tb(exc.__traceback__))
+        trace = "".join(tb.format_tb(frames))
     message = safe_str(exc)
     if len(message) > MAX_MESSAGE:
         message = f"{message[:MAX_MESSAGE]}… [{len(message) - MAX_MESSAGE} more characters cut]"

@@ -298,3 +298,36 @@ async def test_bulk_replay_of_failed_runs_and_bulk_cancel(
             "/runs/bulk", data={"csrf_token": token, "action": "explode", "function": "demo-nap"}
         )
         assert bad.status_code == 400
+
+
+async def test_the_run_page_shows_every_attempt_of_a_retried_step_with_its_error_as_text(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client, web: httpx.AsyncClient
+) -> None:
+    app = meshflow.App("tries")
+    calls = [0]
+
+    def flaky() -> str:
+        calls[0] += 1
+        if calls[0] <= 2:
+            raise ConnectionError(f"{XSS} try {calls[0]}")
+        return "done"
+
+    @app.function("flaky", trigger="tries/go", retries=meshflow.Retry(retries=3, backoff=("100ms",)))
+    async def fn(ctx: meshflow.Context) -> str:
+        return str(await ctx.step.run("call", flaky))
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace, worker_id="w-page"):
+        event = meshflow.Event(name="tries/go")
+        await client.send(event)
+        run = await client.wait_for_run(fn.run_id_for(event), timeout=30)
+    page = await web.get(f"/runs/{run.id}")
+    assert page.status_code == 200
+    rows = re.findall(r'<tr class="attempt">(.*?)</tr>', page.text, re.S)
+    assert len(rows) == 3
+    assert "ConnectionError: &lt;script&gt;" in rows[0]  # rendered as text, never as markup
+    assert "try 1" in rows[0]
+    assert "try 2" in rows[1]
+    assert "succeeded" in rows[2]
+    assert all("w-page" in row for row in rows)
+    assert "<script>alert" not in page.text
+    assert page.text.count('class="s-failed"') >= 2  # each failed attempt marked on the timeline
