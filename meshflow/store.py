@@ -23,8 +23,9 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import KeyValueConfig, StorageType
 
 from .bus import Bus, through_elections
-from .durations import from_ms, rfc3339
+from .durations import from_ms, now_ms, rfc3339
 from .errors import NatsError, StateError
+from .functions import Function
 from .names import (
     HDR_EXPECTED_LAST_SUBJECT_SEQ,
     HDR_KV_OPERATION,
@@ -78,6 +79,27 @@ class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
     start_timeout_ms: int | None = None
     finish_timeout_ms: int | None = None
     flow: list[str] = msgspec.field(default_factory=list)  # flow control, one line each
+
+    @classmethod
+    def of(cls, fn: Function) -> FunctionInfo:
+        """``fn`` as the registry shows it to clients and the dashboard."""
+        return cls(
+            full_id=fn.full_id,
+            app=fn.app_id,
+            id=fn.id,
+            name=fn.name,
+            triggers=list(fn.triggers),
+            retries=fn.retry.retries,
+            failure_of=fn.failure_of,
+            updated_at=now_ms(),
+            crons=[c.source for c in fn.crons],
+            filters={p: e.source for p, e in fn.filters if e is not None},
+            cancel_on=[c.event for c in fn.cancel_on],
+            idempotency=fn.idempotency.source if fn.idempotency else None,
+            start_timeout_ms=fn.start_timeout_ms,
+            finish_timeout_ms=fn.finish_timeout_ms,
+            flow=fn.flow.describe(),
+        )
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -164,7 +164,7 @@ class Worker:
         await store.provision(bus, self.replicas, audit=True)
         for fn in self.functions.values():
             await bus.ensure_consumers(fn, ack_wait=self.ack_wait)
-            await store.put_function(_registered(fn))
+            await store.put_function(FunctionInfo.of(fn))
         n = self.names
         for fn in self.functions.values():
             if fn.triggers:  # a function with cron triggers only has no events consumer
@@ -382,24 +382,3 @@ def _bound(fn: Function, handle: Callable[[Function, Delivery], Awaitable[None]]
         await handle(fn, delivery)
 
     return bound
-
-
-def _registered(fn: Function) -> FunctionInfo:
-    """A function as the registry shows it to clients and the dashboard."""
-    return FunctionInfo(
-        full_id=fn.full_id,
-        app=fn.app_id,
-        id=fn.id,
-        name=fn.name,
-        triggers=list(fn.triggers),
-        retries=fn.retry.retries,
-        failure_of=fn.failure_of,
-        updated_at=now_ms(),
-        crons=[c.source for c in fn.crons],
-        filters={p: e.source for p, e in fn.filters if e is not None},
-        cancel_on=[c.event for c in fn.cancel_on],
-        idempotency=fn.idempotency.source if fn.idempotency else None,
-        start_timeout_ms=fn.start_timeout_ms,
-        finish_timeout_ms=fn.finish_timeout_ms,
-        flow=fn.flow.describe(),
-    )
