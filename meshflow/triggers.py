@@ -147,14 +147,14 @@ class Triggers:
                 error=ErrorInfo(type="Skipped", message=admission.skip, retriable=False),
             )
         limit = record_limit(self.bus.max_payload)
-        if record_size(record) > limit:  # published raw, too large to run: the run fails, visibly
+        too_large = record_size(record) > limit  # published raw, too large to run: it fails, visibly
+        if too_large:
             record = too_large_to_run(record, limit, now)
-            admission = _NOW
         rev = await self.store.create_run(record)
         if rev is None:  # claimed before: a resent or redelivered event
             await self.passes.resume(fn, delivery, TRIGGER, run_id)
             return
-        if record.status.terminal:
+        if too_large:
             log.error("run failed at once", run_id=run_id, function=fn.full_id, error=record.error)
             await self.passes.emit_ended(fn, record)
             await delivery.ack()

@@ -52,6 +52,9 @@ async def test_a_rate_limit_runs_exactly_the_allowed_number_and_records_the_rest
     skipped = next(r for r in runs if r.status is meshflow.RunStatus.SKIPPED)
     assert skipped.error is not None
     assert "rate limit" in skipped.error.message
+    finished, _ = await client.list_events(name="meshflow/function.finished")
+    # a run that never ran emits no finished event; the four that ran each emitted one
+    assert sorted(e.data["status"] for _, e in finished) == ["completed"] * 4
 
 
 async def test_a_throttle_spaces_run_starts_and_drops_none(
