@@ -261,22 +261,15 @@ class Passes:
             try:
                 outcome, effects = await self._run(fn, delivery, own, memos, before)
                 memos = effects.memos
-            except StateError as exc:  # a step result nobody can read: the run fails, saying so
-                error = ErrorInfo(type="StateError", message=str(exc), retriable=False)
-                outcome, memos = replay.Failed(error=error), memos or {}
-            except TooLarge as exc:  # a value no retry could store: the run fails, saying so
-                error = ErrorInfo(
-                    type="SerializationError", message=f"{exc}: the run cannot go on", retriable=False
-                )
-                outcome, memos = replay.Failed(error=error), memos or {}
-            max_payload = self.bus.max_payload
+            except (StateError, TooLarge) as exc:  # no retry could read or store it: the run fails
+                outcome, memos = replay.Failed(error=_unrecoverable(exc)), memos or {}
             facts = PassFacts(
                 now=now_ms(),
                 wake=wake,
                 redelivered=delivery.redelivered,
                 memos=memos,
-                max_record_bytes=record_limit(max_payload),
-                max_event_bytes=max_payload - _EVENT_HEADERS_ROOM,
+                max_record_bytes=record_limit(self.bus.max_payload),
+                max_event_bytes=self._event_bytes,
             )
             await self._carry_out(fn, own, settle(fn, before, own.record, outcome, facts), memos)
             await delivery.ack()
@@ -346,6 +339,8 @@ class Passes:
                         created_at=record.created_at,
                         cancelled=lambda: record.id in self._cancel_signals,
                         fence=own.fence,
+                        # a step result or output may be as large as an event: each leaves
+                        # the same room for the record around it
                         max_value_bytes=event_limit(self.bus.max_payload),
                         run_sync=self.threads.run if self.threads is not None else None,
                         executing=own.executing,
@@ -407,7 +402,8 @@ class Passes:
         run = settled.record
         await own.fence(may_yield=False)  # a pass that lost its run writes nothing of it
         if settled.ended:
-            await asyncio.gather(self._emit(run, settled.emit), self._write(own, run))
+            emitting = self._emit(run, settled.emit, notify_parent=settled.notify_parent)
+            await asyncio.gather(emitting, self._write(own, run))
         else:
             for item in settled.arm:
                 await self.bus.schedule(fn, run.id, item.key, item.until)
@@ -421,16 +417,20 @@ class Passes:
 
     async def emit_ended(self, fn: Function, run: RunRecord) -> None:
         """An ended run's finished events (again: their ids make a second emit a no-op)."""
-        limit = self.bus.max_payload - _EVENT_HEADERS_ROOM
-        events = finished_events(run, handles_failures=fn.failure_of is not None, limit=limit)
-        await self._emit(run, events)
+        events = finished_events(run, handles_failures=fn.failure_of is not None, limit=self._event_bytes)
+        await self._emit(run, events, notify_parent=run.parent is not None)
 
-    async def _emit(self, run: RunRecord, events: list[Event]) -> None:
-        """A run's finished events; for an invoked run, its parent's step resolved too."""
+    @property
+    def _event_bytes(self) -> int:
+        """The most an event this worker emits may hold (its Nats-Msg-Id header aside)."""
+        return self.bus.max_payload - _EVENT_HEADERS_ROOM
+
+    async def _emit(self, run: RunRecord, events: list[Event], *, notify_parent: bool) -> None:
+        """A run's finished events; and the parent's step resolved, for an invoked run."""
         await self.bus.publish_many(
             [(self.bus.names.event_subject(e.name), encode_event(e), {HDR_MSG_ID: e.id}) for e in events]
         )
-        if run.parent is not None:
+        if notify_parent:
             await self.life.notify_parent(run)
 
     async def _tidy(self, fn: Function, run: RunRecord, settled: Settlement) -> None:
@@ -524,3 +524,11 @@ def _interrupted(record: RunRecord) -> list[str]:
     """The steps a pass that never ended was executing when it last renewed its lease."""
     lease = record.lease
     return list(lease.executing) if record.status is RunStatus.RUNNING and lease is not None else []
+
+
+def _unrecoverable(exc: StateError | TooLarge) -> ErrorInfo:
+    """Why a run fails that no retry could carry on: its stored state cannot be read, or a value
+    of it cannot be stored."""
+    if isinstance(exc, StateError):
+        return ErrorInfo(type="StateError", message=str(exc), retriable=False)
+    return ErrorInfo(type="SerializationError", message=f"{exc}: the run cannot go on", retriable=False)
