@@ -11,7 +11,7 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -19,6 +19,13 @@ from .durations import now_ms
 from .events import Event
 from .functions import Function
 from .runs import Attempt, ErrorInfo, Pending, StepMemo
+
+
+class StepScope(NamedTuple):
+    """The step attempt a piece of the function's code runs in: its step id and attempt number."""
+
+    step_id: str
+    attempt: int
 
 
 class Effects(Protocol):
@@ -70,6 +77,9 @@ class Activation:
     # slot for the step (the worker's takes an extra slot per step executing beside another).
     # None: one step at a time, on the slot the pass holds.
     step_slot: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None
+    # Entered around each attempt of a step's handler, in the task that runs it (a trace span);
+    # an exception the handler raises passes through it. None: nothing entered.
+    step_attempt: Callable[[StepScope], contextlib.AbstractContextManager[Any]] | None = None
 
 
 class Completed(msgspec.Struct, frozen=True, tag=True):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -46,6 +45,7 @@ from .activations import Completed as Completed
 from .activations import Effects as Effects
 from .activations import Failed as Failed
 from .activations import Outcome as Outcome
+from .activations import StepScope
 from .activations import Suspended as Suspended
 from .codec import decode_value, encode_value
 from .durations import ms_at, parse_duration, parse_when, to_ms
@@ -75,6 +75,7 @@ from .runs import (
     error_info,
 )
 from .steps import Context, Step
+from .threads import call_handler
 from .waits import wait_spec
 
 # How many loop turns to let sibling branches (asyncio.gather) reach their next step call before
@@ -84,7 +85,8 @@ _MAX_STEP_ID = 256
 
 T = TypeVar("T")
 
-_in_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("meshflow_in_step", default=None)
+# The step attempt the current task executes (its handler's code, and what it awaits), if any.
+_in_step: contextvars.ContextVar[StepScope | None] = contextvars.ContextVar("meshflow_in_step", default=None)
 
 
 class _Stop(BaseException):
@@ -175,7 +177,7 @@ class _Pass:
         nested = _in_step.get()
         if nested is not None:
             raise NestedStepError(
-                f"step {step_id!r} was called inside the handler of step {nested!r}; "
+                f"step {step_id!r} was called inside the handler of step {nested.step_id!r}; "
                 "call steps from the function body, not from another step"
             )
         if not isinstance(step_id, str) or not step_id or len(step_id) > _MAX_STEP_ID:
@@ -236,12 +238,12 @@ class _Pass:
             try:
                 if self.step_slot is None:
                     await self.fenced()
-                    value = await self._call(key, step_id, handler, args)
+                    value = await self._call(key, StepScope(step_id, failures + 1), handler, args)
                 else:
                     async with self.step_slot():
                         await self.fenced()
                         started = self.act.clock()
-                        value = await self._call(key, step_id, handler, args)
+                        value = await self._call(key, StepScope(step_id, failures + 1), handler, args)
                 output = encode_value(value, what=f"step {step_id!r}", limit=self.act.max_value_bytes)
             except BaseException as exc:
                 task = asyncio.current_task()
@@ -290,29 +292,25 @@ class _Pass:
             self.step_history[key] = after.history
         return after.memo, after.retry
 
-    async def _call(self, key: str, step_id: str, handler: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        token = _in_step.set(step_id)
+    async def _call(
+        self, key: str, scope: StepScope, handler: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
+        token = _in_step.set(scope)
         executing = self.act.executing if self.act.executing is not None else set()
         executing.add(key)
+        observe = self.act.step_attempt(scope) if self.act.step_attempt else contextlib.nullcontext()
+        cut_short = False  # by the worker stopping: the step still counts as executing for the lease
         try:
-            if inspect.iscoroutinefunction(handler):
-                result = await handler(*args)
-            else:  # the one place a sync handler is run: in a thread, so it cannot block the loop
-                result = await (self.act.run_sync or asyncio.to_thread)(handler, *args)
-                if inspect.isawaitable(result):
-                    result = await result
-        except asyncio.CancelledError:
+            with observe:
+                return await call_handler(handler, args, self.act.run_sync)
+        except asyncio.CancelledError:  # the handler's own is an ordinary failure
             task = asyncio.current_task()
-            if task is None or not task.cancelling():  # the handler's own: an ordinary failure
-                executing.discard(key)
-            raise  # or cut short (the worker stops): it still counts as executing for the lease
-        except BaseException:
-            executing.discard(key)
+            cut_short = task is not None and task.cancelling() > 0
             raise
         finally:
             _in_step.reset(token)
-        executing.discard(key)
-        return result
+            if not cut_short:
+                executing.discard(key)
 
     # --- step.sleep / sleep_until ------------------------------------------------------------
     async def sleep_step(self, step_id: str, duration: object, *, until: bool) -> None:
@@ -566,7 +564,7 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
         logger=RunLogger(
             base.bind(run_id=act.run_id, function=act.function.full_id),
             replaying=lambda: engine.replaying,
-            step=_in_step.get,
+            step=lambda: scope.step_id if (scope := _in_step.get()) else None,
         ),  # type: ignore[arg-type]
     )
     task: asyncio.Task[Any] = asyncio.ensure_future(_body(act.function, ctx))

@@ -6,7 +6,8 @@ stops must not wait for a handler that blocks for minutes (the interpreter joins
 these threads are daemon threads: a stopping worker leaves a handler that is still running to
 die with the process, and the step to be run again by another worker (counted as an attempt).
 
-Threads are started as work needs them, up to ``max_threads``, and then reused.
+Threads are started as work needs them, up to ``max_threads``, and then reused. `call_handler` is
+the one place a step handler is called.
 """
 
 from __future__ import annotations
@@ -14,13 +15,27 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import inspect
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from typing import Any
 
 _STOP = object()
+
+
+async def call_handler(
+    handler: Callable[..., Any],
+    args: tuple[Any, ...],
+    run_sync: Callable[..., Awaitable[Any]] | None = None,
+) -> Any:
+    """Call a step's handler: a coroutine function on the loop, a plain ``def`` in a thread
+    (``run_sync``, by default asyncio's), so that it cannot block the loop."""
+    if inspect.iscoroutinefunction(handler):
+        return await handler(*args)
+    result = await (run_sync or asyncio.to_thread)(handler, *args)
+    return (await result) if inspect.isawaitable(result) else result
 
 
 class DaemonThreads:
