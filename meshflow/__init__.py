@@ -33,6 +33,7 @@ from .functions import Function as Function
 from .functions import Timeouts as Timeouts
 from .functions import TriggerCron as TriggerCron
 from .functions import TriggerEvent as TriggerEvent
+from .logs import LogRecord as LogRecord
 from .retries import Retry as Retry
 from .runs import Attempt as Attempt
 from .runs import RunStatus as RunStatus
@@ -55,6 +56,7 @@ __all__ = [
     "Event",
     "EventError",
     "Function",
+    "LogRecord",
     "MeshflowError",
     "NatsAuth",
     "NatsError",

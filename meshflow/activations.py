@@ -11,7 +11,7 @@ import contextlib
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -19,6 +19,9 @@ from .durations import now_ms
 from .events import Event
 from .functions import Function
 from .runs import Attempt, ErrorInfo, Pending, StepMemo
+
+if TYPE_CHECKING:
+    from .logs import LogShipper
 
 
 class StepScope(NamedTuple):
@@ -80,6 +83,8 @@ class Activation:
     # Entered around each attempt of a step's handler, in the task that runs it (a trace span);
     # an exception the handler raises passes through it. None: nothing entered.
     step_attempt: Callable[[StepScope], contextlib.AbstractContextManager[Any]] | None = None
+    # Where what the run logs is kept (``meshflow.logs``); None: only printed.
+    logs: LogShipper | None = None
 
 
 class Completed(msgspec.Struct, frozen=True, tag=True):

@@ -29,10 +29,6 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
-    DiscardPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
 )
 
 from .connection import close_nats
@@ -62,8 +58,6 @@ from .requests import (
 #: How long an un-consumed "advance run" message is kept. Runs whose workers are all gone for
 #: longer than this need their queued messages re-published (a sweeper; not built yet).
 RUN_MESSAGE_TTL = dt.timedelta(days=7)
-EVENTS_MAX_AGE = dt.timedelta(days=7)
-DUPLICATE_WINDOW = dt.timedelta(minutes=2)
 #: Consumers redeliver an unacknowledged message after this; workers send in-progress acks
 #: (and renew their run lease) well within it while a long step runs.
 ACK_WAIT = 30.0
@@ -300,81 +294,6 @@ class Bus:
         """Flush what is buffered (for up to 5 s) and close the connection."""
         await close_nats(self.nc)
 
-    async def ensure_streams(self, *, replicas: int = 1) -> None:
-        """Create the events and runs streams if missing (idempotent, safe to race)."""
-        n = self.names
-        await self._ensure_stream(
-            StreamConfig(
-                name=n.events_stream,
-                subjects=[n.events_subjects],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                max_age=EVENTS_MAX_AGE.total_seconds(),
-                duplicate_window=DUPLICATE_WINDOW.total_seconds(),
-                num_replicas=replicas,
-                allow_direct=True,  # waits read events back by sequence and time
-            )
-        )
-        await self._ensure_stream(
-            StreamConfig(
-                name=n.runs_stream,
-                subjects=n.run_subjects,
-                retention=RetentionPolicy.LIMITS,
-                discard=DiscardPolicy.OLD,
-                storage=StorageType.FILE,
-                duplicate_window=DUPLICATE_WINDOW.total_seconds(),
-                allow_msg_schedules=True,
-                allow_msg_ttl=True,
-                num_replicas=replicas,
-            )
-        )
-
-    async def _ensure_stream(self, config: StreamConfig) -> None:
-        assert config.name is not None
-        name = config.name
-        try:
-            info = await through_elections(f"stream info {name}", self.js_quick.stream_info, name)
-            if config.allow_direct and not info.config.allow_direct:  # made by an older meshflow
-                info.config.allow_direct = True
-                await through_elections(f"update {name}", self.js.update_stream, info.config)
-            return
-        except nats.js.errors.NotFoundError:
-            pass
-        except NATS_ERRORS as exc:
-            raise NatsError(f"cannot read stream {name}: {exc!r}") from exc
-        try:
-            await through_elections(f"create {name}", self.js.add_stream, config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != 10058:  # 10058: created concurrently by another process
-                raise NatsError(f"cannot create stream {name}: {exc.description}") from exc
-        except NATS_ERRORS as exc:
-            raise NatsError(f"cannot create stream {name}: {exc!r}") from exc
-
-    async def fit_replicas(self, streams: Sequence[str], replicas: int, *, scale: bool) -> None:
-        """Bring existing streams to ``replicas`` when ``scale`` (the count was asked for
-        explicitly); otherwise only warn about those with fewer than the deployment allows
-        (say, created on one node before it joined a cluster)."""
-        for stream in streams:
-            try:
-                info = await through_elections(f"stream info {stream}", self.js_quick.stream_info, stream)
-                have = info.config.num_replicas or 1
-                if have == replicas:
-                    continue
-                if scale:
-                    info.config.num_replicas = replicas
-                    await through_elections(f"replicas of {stream}", self.js.update_stream, info.config)
-                    log.info("stream replicas changed", stream=stream, before=have, after=replicas)
-                elif have < replicas:
-                    log.warning(
-                        "stream has fewer replicas than this deployment allows",
-                        stream=stream,
-                        replicas=have,
-                        allowed=replicas,
-                        fix=f"meshflow worker APP --provision-only --replicas {replicas} (as admin)",
-                    )
-            except NATS_ERRORS as exc:
-                raise NatsError(f"cannot set the replicas of stream {stream}: {exc!r}") from exc
-
     async def ensure_consumers(self, fn: Function, *, ack_wait: float = ACK_WAIT) -> None:
         """Create or update the function's trigger and run consumers."""
         n = self.names
@@ -481,6 +400,13 @@ class Bus:
         """
         acks: list[PubAck] = await self.publish_many([(subject, payload, headers)])
         return acks[0]
+
+    async def emit(self, subject: str, payload: bytes) -> None:
+        """Publish without waiting for an ack (buffered by the connection; lost if it is closed)."""
+        try:
+            await self.nc.publish(subject, payload)
+        except NATS_ERRORS as exc:
+            raise NatsError(f"cannot publish to {subject}: {exc!r}") from exc
 
     async def publish_many(self, items: Sequence[tuple[str, bytes, dict[str, str] | None]]) -> list[Any]:
         """Publish several messages pipelined, ``PUBLISH_WINDOW`` in flight at a time; acks in order.

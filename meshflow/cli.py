@@ -19,7 +19,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from .errors import MeshflowError
 from .events import Event
 from .functions import App
 from .logging import configure_logging
+from .logs import LogRecord, render
 from .names import DEFAULT_NAMESPACE
 from .server import EmbeddedServer
 from .worker import Worker
@@ -82,6 +83,8 @@ async def _worker(args: argparse.Namespace) -> None:
         replicas=args.replicas,
         monitor=args.nats_monitor,
         shutdown_grace=args.shutdown_grace,
+        capture_logging=args.capture_logging,
+        log_retention=args.log_retention,
     )
     if args.provision_only:  # create streams, buckets and consumers, register the functions, exit
         await worker.start()
@@ -109,7 +112,7 @@ async def _dev(args: argparse.Namespace) -> None:
     server = EmbeddedServer(data, port=args.port)
     server.start()  # blocks the loop for the server's start-up only; nothing else runs yet
     try:
-        worker = Worker(*apps, nats=server.url, namespace=args.namespace)
+        worker = Worker(*apps, nats=server.url, namespace=args.namespace, capture_logging=True)
         board = Dashboard(server.url, namespace=args.namespace, port=args.dashboard_port)
         cmd = _command()
         print(
@@ -119,6 +122,7 @@ async def _dev(args: argparse.Namespace) -> None:
             f"  functions    {', '.join(sorted(f.full_id for a in apps for f in a.functions))}\n"
             f'  send events  {cmd} send user/signup --data \'{{"email": "a@b.c"}}\' --nats {server.url}\n'
             f"  show a run   {cmd} run RUN_ID --nats {server.url}\n"
+            f"  its logs     {cmd} logs RUN_ID --follow --nats {server.url}\n"
             f"  Ctrl-C stops everything.",
             flush=True,
         )
@@ -176,6 +180,18 @@ async def _show_run(args: argparse.Namespace) -> None:
     async with connect(args.nats.split(","), namespace=args.namespace, auth=_auth(args)) as client:
         run = await client.get_run(args.run_id)
     print(json.dumps(msgspec.to_builtins(run), indent=2))
+
+
+async def _logs(args: argparse.Namespace) -> None:
+    async with connect(args.nats.split(","), namespace=args.namespace, auth=_auth(args)) as client:
+        records = client.follow_logs(args.run_id) if args.follow else _each(await client.logs(args.run_id))
+        async for record in records:
+            print(msgspec.json.encode(record).decode() if args.json else render(record), flush=True)
+
+
+async def _each(items: Sequence[LogRecord]) -> AsyncGenerator[LogRecord, None]:
+    for item in items:
+        yield item
 
 
 async def _cancel(args: argparse.Namespace) -> None:
@@ -241,6 +257,16 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a stopping worker waits for the steps it runs (a second signal stops it at once)",
     )
     p.add_argument(
+        "--capture-logging",
+        action="store_true",
+        help="keep the stdlib logging records emitted while a run's code runs with its logs",
+    )
+    p.add_argument(
+        "--log-retention",
+        default=None,
+        help="how long runs' logs are kept, e.g. 7d (default 7 days; applied to the stream)",
+    )
+    p.add_argument(
         "--provision-only",
         action="store_true",
         help="create the streams, buckets and consumers and register the functions, then exit",
@@ -290,6 +316,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     common(p)
     p.set_defaults(func=_show_run)
+
+    p = sub.add_parser("logs", help="what a run logged (ctx.logger), one line per record")
+    p.add_argument("run_id")
+    p.add_argument("--follow", "-f", action="store_true", help="then what it logs, live, until it ends")
+    p.add_argument("--json", action="store_true", help="one JSON object per record")
+    common(p)
+    p.set_defaults(func=_logs)
 
     p = sub.add_parser("cancel", help="cancel a run (it stops before its next step)")
     p.add_argument("run_id")

@@ -35,7 +35,9 @@ from .events import (
     validate_event_name,
 )
 from .ids import is_ulid, run_id_for, ulid_time_ms
+from .logs import LogRecord, capped, decode_record, follow, read_logs
 from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names, kv_stream, kv_subject
+from .provision import RUN_LOG_CAP
 from .requests import NATS_ERRORS
 from .runs import (
     NEVER,
@@ -441,6 +443,38 @@ class Client:
                         yield event
         finally:
             await following.close()
+
+    async def logs(self, run_id: str) -> list[LogRecord]:
+        """What the run logged (``ctx.logger``, and captured stdlib records), in order; marker
+        records (``LogRecord.marker``) say where some are missing and why. `RunNotFoundError`
+        if there is no such run and nothing it logged."""
+        records = [decode_record(data, seq) for seq, data in await self._read_logs(run_id)]
+        if not records and await self._store.get_run(run_id) is None:
+            raise RunNotFoundError(f"no run with id {run_id!r} in namespace {self.names.ns!r}")
+        return capped(records, run_id, RUN_LOG_CAP)
+
+    async def follow_logs(self, run_id: str, *, poll: float = 1.0) -> AsyncGenerator[LogRecord, None]:
+        """What the run has logged, then what it logs from now on, as it is logged; ends once
+        the run has ended and everything it logged is read. `RunNotFoundError` if there is no
+        such run."""
+        await self.get_run(run_id)  # it exists (a typo would be followed forever)
+
+        async def ended() -> bool:
+            got = await self._store.get_run(run_id)
+            return got is None or got[0].status.terminal
+
+        following = await self._bus.follow(self.names.log_subject(run_id))
+        try:
+            async with contextlib.aclosing(
+                follow(aiter(following), lambda: self._read_logs(run_id), ended, poll=poll)
+            ) as records:
+                async for record in records:
+                    yield record
+        finally:
+            await following.close()
+
+    async def _read_logs(self, run_id: str) -> list[tuple[int, bytes]]:
+        return await read_logs(self._bus.requests, self.names, run_id)
 
     async def step_memos(self, run_id: str) -> list[StepInfo]:
         """A run's committed steps (no pending ones), in execution order."""

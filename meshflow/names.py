@@ -33,6 +33,11 @@ class Names:
         """'Advance run X' messages and the scheduled timer messages that produce them."""
         return f"{self.ns.upper()}_RUNS"
 
+    @property
+    def logs_stream(self) -> str:
+        """What runs log (``ctx.logger``), a subject per run, kept for a while (``meshflow.logs``)."""
+        return f"{self.ns.upper()}_LOGS"
+
     # --- subjects ----------------------------------------------------------------------------
     @property
     def events_subjects(self) -> str:
@@ -55,6 +60,14 @@ class Names:
     def run_subject(self, app_id: str, fn_id: str) -> str:
         """Where 'advance this run' messages for one function go (the schedule target too)."""
         return f"{self.ns}.run.{app_id}.{fn_id}"
+
+    def log_subject(self, run_id: str) -> str:
+        """The log records of one run (stored in the logs stream, followed live by subscribers)."""
+        return f"{self.ns}.log.{run_id}"
+
+    @property
+    def log_subjects(self) -> str:
+        return f"{self.ns}.log.*"
 
     def cancel_subject(self, run_id: str) -> str:
         """Core NATS (not stored): tells the worker running ``run_id`` to stop between steps."""

@@ -44,6 +44,7 @@ from .flow.slots import Slot, Slots, StepSlots
 from .functions import Function
 from .inflight import InFlight
 from .lifecycle import Lifecycle
+from .logs import LogShipper
 from .names import HDR_MSG_ID, cancel_message_id, timer_wake_id
 from .ownership import Ownership, RunLost, StoreEffects, Yielded
 from .requests import TooLarge
@@ -96,6 +97,7 @@ class Passes:
         slots: Slots,
         inflight: InFlight,
         threads: DaemonThreads | None = None,
+        logs: LogShipper | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.ack_wait = ack_wait
@@ -107,6 +109,7 @@ class Passes:
         self.slots = slots
         self.inflight = inflight
         self.threads = threads
+        self.logs = logs
         self.timers = LocalTimers()
         # Runs this worker is advancing now. The lease keeps other workers out; this keeps out a
         # second message for the same run here (a timer's twin, two parallel sleeps waking).
@@ -271,6 +274,8 @@ class Passes:
                 max_record_bytes=record_limit(self.bus.max_payload),
                 max_event_bytes=self._event_bytes,
             )
+            if self.logs is not None:  # what the pass logged is stored before what it did
+                await self.logs.flush()
             await self._carry_out(fn, own, settle(fn, before, own.record, outcome, facts), memos)
             await delivery.ack()
         except RunLost:  # another pass holds the run: this one writes, acks and naks nothing more
@@ -345,6 +350,7 @@ class Passes:
                         run_sync=self.threads.run if self.threads is not None else None,
                         executing=own.executing,
                         step_slot=own.step_slots.executing if own.step_slots else None,
+                        logs=self.logs,
                     ),
                     effects,
                 )

@@ -36,7 +36,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import msgspec
-import structlog
 
 from . import attempts
 from .activations import Activation as Activation
@@ -60,7 +59,7 @@ from .events import Event, events_to_send
 from .functions import Function
 from .ids import StepCounter
 from .invokes import invoke_item
-from .logging import RunLogger
+from .logs import RunLogger
 from .names import sent_event_id
 from .retries import Retry, attempts_left, never_retried, retry_delay_ms, retry_policy
 from .runs import (
@@ -554,20 +553,18 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
             history=list(act.history),
         )
     engine = _Pass(act, effects)
-    base = act.logger if act.logger is not None else structlog.get_logger("meshflow.run")
+    logger = RunLogger.of(act, lambda: engine.replaying, _in_step.get)
     ctx = Context(
         events=act.events,
         run_id=act.run_id,
         function_id=act.function.full_id,
         attempt=act.attempt,
         step=Step(engine),
-        logger=RunLogger(
-            base.bind(run_id=act.run_id, function=act.function.full_id),
-            replaying=lambda: engine.replaying,
-            step=lambda: scope.step_id if (scope := _in_step.get()) else None,
-        ),  # type: ignore[arg-type]
+        logger=logger,  # type: ignore[arg-type]
     )
+    token = logger.enter()  # the function's task, and the threads it starts, log to the run
     task: asyncio.Task[Any] = asyncio.ensure_future(_body(act.function, ctx))
+    logger.leave(token)
     task.add_done_callback(lambda _: engine.bump())
     try:
         while not task.done():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import re
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -35,6 +36,7 @@ from .names import (
     kv_stream,
     kv_subject,
 )
+from .provision import ensure_streams, fit_replicas
 from .requests import NATS_ERRORS, ApiError, Requester, retry_pauses
 from .runs import RunRecord, StepMemo, decode_memo, decode_run, encode_record
 from .streams import Streams, stored_ms
@@ -145,21 +147,28 @@ class Store:
         self._flow = await self._bucket(n.flow_bucket, create, replicas)
         return self
 
-    async def provision(self, bus: Bus, replicas: int | None, *, audit: bool = False) -> None:
+    async def provision(
+        self,
+        bus: Bus,
+        replicas: int | None,
+        *,
+        audit: bool = False,
+        log_retention: dt.timedelta | None = None,
+    ) -> None:
         """Create what is missing of the streams and buckets (idempotent, safe to race with
         other processes). Existing ones are brought to ``replicas`` when it is given; otherwise
         new ones get the count that fits the deployment (`Bus.default_replicas`), and with
         ``audit`` (a worker's start) existing ones with fewer are warned about. A client that
         asks for no count reads no more than it creates."""
         count = replicas or bus.default_replicas()
-        await bus.ensure_streams(replicas=count)
+        await ensure_streams(bus, replicas=count, log_retention=log_retention)
         await self.open(replicas=count)
         if replicas is None and not audit:
             return
         n = self.names
         buckets = (n.runs_bucket, n.steps_bucket, n.registry_bucket, n.waits_bucket, n.flow_bucket)
-        streams = [n.events_stream, n.runs_stream, *(kv_stream(b) for b in buckets)]
-        await bus.fit_replicas(streams, count, scale=replicas is not None)
+        streams = [n.events_stream, n.runs_stream, n.logs_stream, *(kv_stream(b) for b in buckets)]
+        await fit_replicas(bus, streams, count, scale=replicas is not None)
 
     async def _bucket(self, name: str, create: bool, replicas: int) -> Any:
         try:

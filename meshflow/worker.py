@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import signal
 import socket
@@ -35,7 +36,7 @@ from .bus import (
     decode_run_message,
 )
 from .connection import NatsAuth, check_durability, open_nats
-from .durations import now_ms
+from .durations import now_ms, parse_duration
 from .errors import MeshflowError, NatsError
 from .flow.slots import Slots
 from .flow.starts import Starts
@@ -44,6 +45,7 @@ from .functions import App, Function
 from .ids import new_ulid
 from .inflight import InFlight
 from .lifecycle import Lifecycle
+from .logs import LogShipper, capture_stdlib
 from .names import Names
 from .passes import Passes
 from .router import Router
@@ -83,6 +85,10 @@ class Worker:
         monitor: the server's monitoring URL (``http://host:8222``), to check at start that it
             syncs every write (the system account, if the worker's user has it, works too).
         shutdown_grace: seconds a stopping worker waits for the steps it runs to end (`stop`).
+        capture_logging: also keep the stdlib ``logging`` records emitted while a run's code runs
+            with the run's logs (``ctx.logger``'s are always kept).
+        log_retention: how long the logs stream keeps runs' logs (a duration, default 7 days);
+            given, it is applied to the stream as it exists too.
     """
 
     def __init__(
@@ -97,6 +103,8 @@ class Worker:
         replicas: int | None = None,
         monitor: str | None = None,
         shutdown_grace: float = 30.0,
+        capture_logging: bool = False,
+        log_retention: str | dt.timedelta | None = None,
     ) -> None:
         if not apps:
             raise MeshflowError("a worker needs at least one App")
@@ -113,6 +121,8 @@ class Worker:
         self.names = Names(namespace)
         self.ack_wait = ack_wait
         self.shutdown_grace = shutdown_grace
+        self.capture_logging = capture_logging
+        self.log_retention = parse_duration(log_retention, what="log_retention") if log_retention else None
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_ulid()[-6:]}"
         self.inflight = InFlight(concurrency)
         self.threads = DaemonThreads(concurrency)  # for plain `def` step handlers
@@ -140,6 +150,7 @@ class Worker:
         self.router = Router(store, bus, self.names, self._follow_route, ack_wait=self.ack_wait)
         life = Lifecycle(store, bus, self.router, self.functions)
         lease_ms = int(self.ack_wait * 1000)
+        self.logs = LogShipper(bus.emit, self.names, worker=self.id, capture_stdlib=self.capture_logging)
         self.passes = Passes(
             worker_id=self.id,
             ack_wait=self.ack_wait,
@@ -150,6 +161,7 @@ class Worker:
             slots=Slots(store, bus, lease_ms),
             inflight=self.inflight,
             threads=self.threads,
+            logs=self.logs,
         )
         self.triggers = Triggers(
             worker_id=self.id,
@@ -161,7 +173,10 @@ class Worker:
             windows=Windows(store, bus),
             passes=self.passes,
         )
-        await store.provision(bus, self.replicas, audit=True)
+        await store.provision(bus, self.replicas, audit=True, log_retention=self.log_retention)
+        self.logs.start()
+        if self.capture_logging:
+            capture_stdlib()
         for fn in self.functions.values():
             await bus.ensure_consumers(fn, ack_wait=self.ack_wait)
             await store.put_function(FunctionInfo.of(fn))
@@ -226,6 +241,7 @@ class Worker:
         await self.inflight.drain(grace, self._forced)
         self.threads.close()
         if self._started_at:
+            await self.logs.stop()
             with contextlib.suppress(MeshflowError):
                 await self.store.drop_worker(self.id)
         if hasattr(self, "bus"):

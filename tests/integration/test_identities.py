@@ -51,6 +51,7 @@ def charge(order: str, items: list[int]) -> dict[str, Any]:
 @app.function("checkout", trigger="shop/order.placed", idempotency="event.data.order")
 async def checkout(ctx: meshflow.Context) -> dict[str, Any]:
     receipt = await ctx.step.run("charge", charge, ctx.event.data["order"], ctx.event.data["items"])
+    ctx.logger.info("charged", order=receipt["order"])  # kept in MF_LOGS by the worker identity
     await ctx.step.sleep("settle", "300ms")
     shipped = await ctx.step.wait_for_event(
         "shipped", event="shop/order.shipped", match="data.order", timeout="30s"
@@ -218,6 +219,7 @@ async def test_a_worker_runs_what_a_publisher_sends_with_steps_a_sleep_and_a_wai
     assert run.status is meshflow.RunStatus.COMPLETED
     assert run.output == {"total": 42, "carrier": "owl"}
     assert [s.id for s in run.steps] == ["charge", "settle", "shipped"]
+    assert [r.message for r in await dashboard.logs(run.id)] == ["charged"]  # read as the dashboard
     assert meshflow_denied(server) == []
 
 
