@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -120,7 +121,45 @@ async def run_detail(request: Request) -> Response:
         context = await _run_context(request)
     except meshflow.RunNotFoundError:
         return problem(request, f"no run {request.path_params['run_id']}", 404)
-    return page(request, "run.html", **context)
+    logs: list[meshflow.LogRecord] = []
+    logs_error = None
+    try:
+        logs = await client_of(request).logs(context["run"].id)
+    except meshflow.NatsError as exc:  # say so on the page; the rest of it still shows
+        logs_error = str(exc)
+    wheres = sorted({_where(r) for r in logs})
+    return page(request, "run.html", **context, logs=logs, logs_error=logs_error, log_wheres=wheres)
+
+
+def _where(record: meshflow.LogRecord) -> str:
+    return record.step_id if record.step_id is not None else "(function)"
+
+
+async def run_logs_stream(request: Request) -> Response:
+    """Server-sent events: the run's log records after the first ``after`` (those the page
+    shows already), live, until the run ends (then an ``end`` event) or the page goes."""
+    client = client_of(request)
+    run_id = request.path_params["run_id"]
+    try:
+        skip = int_param(request, "after", 0) or 0
+    except BadRequest as exc:
+        return PlainTextResponse(str(exc), status_code=400)
+
+    async def records() -> AsyncIterator[str]:
+        n = 0
+        try:
+            async for record in client.follow_logs(run_id):
+                if await request.is_disconnected():
+                    return
+                n += 1
+                if n > skip:
+                    line = msgspec.json.encode({**msgspec.to_builtins(record), "where": _where(record)})
+                    yield f"event: log\ndata: {line.decode()}\n\n"
+        except meshflow.MeshflowError as exc:
+            yield f"event: failed\ndata: {json.dumps(str(exc))}\n\n"
+        yield "event: end\ndata: {}\n\n"
+
+    return StreamingResponse(records(), media_type="text/event-stream", headers={"cache-control": "no-store"})
 
 
 async def run_body(request: Request) -> Response:
@@ -287,6 +326,7 @@ def routes() -> list[Route]:
         Route("/runs/{run_id}", run_detail),
         Route("/runs/{run_id}/body", run_body),
         Route("/runs/{run_id}/stream", run_stream),
+        Route("/runs/{run_id}/logs/stream", run_logs_stream),
         Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         Route("/runs/{run_id}/replay", replay_run, methods=["POST"]),
         Route("/events", events),

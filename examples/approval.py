@@ -28,6 +28,7 @@ async def approve_expense(ctx: meshflow.Context) -> dict[str, Any]:
     )
     if decision is None:
         return {"status": "expired"}
+    ctx.logger.info("approved" if decision.data.get("approved") else "rejected", by=decision.data.get("by"))
     if not decision.data.get("approved"):
         return {"status": "rejected", "by": decision.data.get("by")}
     payment = await ctx.step.run("pay-out", pay_out, ctx.event.data)

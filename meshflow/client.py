@@ -35,7 +35,7 @@ from .events import (
     validate_event_name,
 )
 from .ids import is_ulid, run_id_for, ulid_time_ms
-from .logs import LogRecord, capped, decode_record, follow, read_logs
+from .logs import LogRecord, capped, decode_record, follow
 from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names, kv_stream, kv_subject
 from .provision import RUN_LOG_CAP
 from .requests import NATS_ERRORS
@@ -474,7 +474,7 @@ class Client:
             await following.close()
 
     async def _read_logs(self, run_id: str) -> list[tuple[int, bytes]]:
-        return await read_logs(self._bus.requests, self.names, run_id)
+        return await self._store.streams.oldest(self.names.logs_stream, self.names.log_subject(run_id))
 
     async def step_memos(self, run_id: str) -> list[StepInfo]:
         """A run's committed steps (no pending ones), in execution order."""

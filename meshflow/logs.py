@@ -15,7 +15,8 @@
   "dropped" marker says how many), and published fire-and-forget by one task. A pass's records
   are flushed to the connection before the pass writes its run, so a run that has ended has all
   its records stored.
-- `read_logs` reads a run's records back in order (batched direct gets of its subject).
+- `follow` gives a run's records as they come (``client.follow_logs``); ``Streams.oldest``
+  reads them back in order.
 
 Bounds: a message is cut at 8 KiB, a traceback at 16 KiB, a string field at 4 KiB, a record's
 fields at 16 KiB (past that they are replaced by a note); a value that is not JSON is kept as its
@@ -41,7 +42,6 @@ import structlog
 from .durations import now_ms
 from .errors import NatsError
 from .names import Names
-from .requests import NATS_ERRORS, ApiError, Requester
 
 if TYPE_CHECKING:
     from .activations import Activation, StepScope
@@ -282,9 +282,9 @@ class RunLogger:
         )
 
     def _log(self, level: str, event: str, *args: Any, **kw: Any) -> None:
-        if self._replaying():
-            return
         scope = self._scope()
+        if scope is None and self._replaying():  # a step's code runs only when it executes
+            return
         if scope is not None:
             kw.setdefault("step", scope.step_id)
         try:
@@ -369,7 +369,8 @@ class _Capture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         logger = _current.get()
-        if logger is None or record.name.startswith("meshflow") or logger._replaying():
+        scope = logger._scope() if logger is not None else None
+        if logger is None or record.name.startswith("meshflow") or (scope is None and logger._replaying()):
             return
         try:
             fields: dict[str, Any] = {"logger": record.name}
@@ -377,7 +378,7 @@ class _Capture(logging.Handler):
                 fields["exception"] = _cut(
                     "".join(traceback.format_exception(*record.exc_info)), TRACEBACK_CAP
                 )
-            logger.keep(record.levelname.lower(), record.getMessage(), fields, logger._scope())
+            logger.keep(record.levelname.lower(), record.getMessage(), fields, scope)
         except Exception:
             self.handleError(record)
 
@@ -390,29 +391,6 @@ def capture_stdlib() -> None:
     root = logging.getLogger()
     if _capture not in root.handlers:
         root.addHandler(_capture)
-
-
-async def read_logs(requests: Requester, names: Names, run_id: str) -> list[tuple[int, bytes]]:
-    """Every stored record of ``run_id`` as (stream sequence, JSON), in order."""
-    stream, subject = names.logs_stream, names.log_subject(run_id)
-    out: list[tuple[int, bytes]] = []
-    seq = 1
-    try:
-        while True:
-            page = await requests.direct_batch(stream, {"seq": seq, "next_by_subj": subject, "batch": _BATCH})
-            out.extend((int(h.get("Nats-Sequence", "0")), data) for h, data in page)
-            if len(page) < _BATCH:
-                return out
-            seq = out[-1][0] + 1
-    except ApiError as exc:
-        if exc.code == 404 or exc.err_code == 10059:  # no such stream
-            raise NatsError(
-                f"the logs stream {stream} does not exist: provision it (meshflow worker APP "
-                "--provision-only, as admin) to keep runs' logs"
-            ) from exc
-        raise NatsError(f"cannot read the logs of run {run_id}: {exc}") from exc
-    except NATS_ERRORS as exc:
-        raise NatsError(f"cannot read the logs of run {run_id}: {exc!r}") from exc
 
 
 async def follow(

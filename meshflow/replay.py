@@ -142,7 +142,9 @@ class _Pass:
             self.step_slot = _one_at_a_time()
         self.version = 0
         self.changed = asyncio.Event()
-        self.replaying = bool(act.memos)
+        # Until it is past every step an earlier pass reached, or at one none did: it logged that before.
+        self.reached = {*act.memos, *(p.key for p in act.pending if p.kind is not PendingKind.RUN_RETRY)}
+        self.replaying = bool(self.reached)
         self.stopped = False
         self.infra_error: BaseException | None = None
         self.never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -188,8 +190,11 @@ class _Pass:
                 f"step {step_id!r} was a {memo.kind} step when the run first executed and is a "
                 f"{kind} step now; keep step ids stable across deploys of a running function"
             )
-        if memo is None:
+        known = key in self.reached
+        self.reached.discard(key)
+        if not known or not self.reached:
             self.replaying = False
+        if memo is None:
             if self.act.cancelled():
                 self.stopped = True
                 self.bump()

@@ -1,5 +1,6 @@
 """Streams read the way the dashboard pages them: newest first, with a bounded read per page;
-a stream's first and last sequence; a consumer's backlog. Over the fast request path
+a subject's messages oldest first (a run's logs); a stream's first and last sequence; a
+consumer's backlog. Over the fast request path
 (`requests.Requester`); nats-py errors never leave this module.
 """
 
@@ -112,6 +113,22 @@ class Streams:
             cursor = start
             window = min(window * 2, _BATCH * 4)
         return found, (cursor if cursor > state.first_seq else None)
+
+    async def oldest(self, stream: str, subject: str) -> list[tuple[int, bytes]]:
+        """Every message on ``subject``, oldest first, as (sequence, data): batched direct gets
+        (a run's log records)."""
+        out: list[tuple[int, bytes]] = []
+        seq = 1
+        try:
+            while True:
+                request = {"seq": seq, "next_by_subj": subject, "batch": _BATCH}
+                page = await self.requests.direct_batch(stream, request, _TIMEOUT)
+                out.extend((int(h.get("Nats-Sequence", "0")), data) for h, data in page)
+                if len(page) < _BATCH:
+                    return out
+                seq = out[-1][0] + 1
+        except _READ_ERRORS as exc:
+            raise NatsError(f"cannot read {subject} in stream {stream}: {exc!r}") from exc
 
     async def consumer_backlog(self, stream: str, consumer: str) -> tuple[int, int] | None:
         """(messages not yet delivered, delivered but not acknowledged) of a consumer, or None."""

@@ -18,6 +18,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 import meshflow
 from examples.approval import approve_expense
+from examples.csv_import import import_csv
 from examples.signup import process_signup
 from meshflow.testing import wait_until
 
@@ -221,6 +222,54 @@ async def test_the_send_form_explains_bad_json_and_keeps_what_was_typed(
     browser_errors.remove(
         f"{page.url}: Failed to load resource: the server responded with a status of 400 (Bad Request)"
     )
+
+
+async def test_a_run_page_shows_each_attempts_error_and_what_the_run_logged(
+    page: Page, client: meshflow.Client
+) -> None:
+    """The CSV import's flaky CRM: each chunk's failed attempt with its error, and the log lines
+    (ctx.logger's and the CRM client's stdlib ones), filterable by step and level."""
+    csv = "email,name\na@b.c,Ann\nb@c.d,Bob\nc@d.e,Cy"
+    event = meshflow.Event(name="csv/uploaded", data={"name": "people.csv", "csv": csv})
+    await client.send(event)
+    run_id = import_csv.run_id_for(event)
+    run = await client.wait_for_run(run_id, timeout=60)
+    assert run.status is meshflow.RunStatus.COMPLETED
+    await page.goto(f"/runs/{run_id}")
+
+    errors = page.locator("table.attempts tr.attempt summary", has_text="ConnectionError: the CRM timed out")
+    await expect(errors).to_have_count(2)  # the first attempt of each of the two chunks
+    lines = page.locator("#log-lines tr.log")
+    await expect(lines.filter(has_text="parsed the file")).to_have_count(1)
+    await expect(lines.filter(has_text="the CRM did not answer within 10 s")).to_have_count(2)
+    await expect(lines.filter(has_text="sending chunk 1 (1 rows) to the CRM")).to_have_count(2)
+    await expect(page.locator("#log-state")).to_have_text("the run has ended")
+
+    await page.select_option("#log-level", "warning")
+    await expect(lines.filter(has_text="parsed the file")).to_be_hidden()
+    await expect(lines.filter(has_text="the CRM did not answer within 10 s").first).to_be_visible()
+    await page.select_option("#log-level", "debug")
+    await page.select_option("#log-where", "(function)")  # logged by the body, outside steps
+    await expect(lines.filter(has_text="sending chunk").first).to_be_hidden()
+    await expect(lines.filter(has_text="parsed the file")).to_be_visible()
+
+
+async def test_the_logs_panel_appends_lines_as_a_running_run_logs_them(
+    page: Page, client: meshflow.Client
+) -> None:
+    """A run that waits for an approval logs after it: the line arrives on the open page (SSE)."""
+    event_id = await send(client, "expense/submitted", expense_id="e-logs", amount=420)
+    run_id = approve_expense.run_id_for(event_id)
+    await wait_until(lambda: _is(client, run_id, "waiting"), timeout=30, message=f"{run_id} waits")
+    await page.goto(f"/runs/{run_id}")
+    await expect(page.locator("#log-state")).to_have_text("live")
+    before = await page.locator("#log-lines tr.log").count()
+
+    await send(client, "expense/decided", expense_id="e-logs", approved=True, by="ann")
+
+    await expect(page.locator("#log-state")).to_have_text("the run has ended", timeout=15_000)
+    assert await page.locator("#log-lines tr.log").count() > before
+    await expect(page.locator("#log-lines tr.log", has_text="approved")).not_to_have_count(0)
 
 
 async def test_every_page_renders_under_the_csp(page: Page, client: meshflow.Client) -> None:

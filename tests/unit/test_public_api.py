@@ -18,6 +18,7 @@ PUBLIC_API = [
     "Event",
     "EventError",
     "Function",
+    "LogRecord",
     "MeshflowError",
     "NatsAuth",
     "NatsError",

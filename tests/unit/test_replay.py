@@ -1008,7 +1008,7 @@ async def test_a_run_memo_under_a_sleep_id_fails_the_run_with_non_determinism_er
 # --- the replay-aware logger -------------------------------------------------------------------
 
 
-async def test_the_function_logger_is_silent_while_memoized_steps_replay_and_logs_after(app: App) -> None:
+async def test_the_function_logger_is_silent_while_memoized_steps_replay_and_logs_past_them(app: App) -> None:
     @app.function("f", trigger="t/e")
     async def f(ctx: Context) -> None:
         ctx.logger.info("starting")
@@ -1025,9 +1025,45 @@ async def test_the_function_logger_is_silent_while_memoized_steps_replay_and_log
     with capture_logs() as logs:
         await Run(f, dict([completed("a", 1)])).advance()
 
-    assert [entry["event"] for entry in logs] == ["inside b", "b done"]
-    assert logs[0]["step"] == "b"
+    # past every memo: "a done" comes after what an earlier pass reached (it crashed there)
+    assert [entry["event"] for entry in logs] == ["a done", "inside b", "b done"]
+    assert logs[1]["step"] == "b"
     assert all(entry["run_id"] == "run-1" and entry["function"] == "t-f" for entry in logs)
+
+
+async def test_each_line_is_logged_once_across_passes_of_retries_and_sleeps(app: App) -> None:
+    calls = [0]
+
+    @app.function("f", trigger="t/e", retries=Retry(retries=1, backoff=("1s",)))
+    async def f(ctx: Context) -> None:
+        ctx.logger.info("starting")
+        await ctx.step.run("a", lambda: 1)
+        ctx.logger.info("a done")
+
+        async def b() -> int:
+            calls[0] += 1
+            ctx.logger.info("inside b", call=calls[0])
+            if calls[0] == 1:
+                raise ConnectionError("flaky")
+            return 2
+
+        await ctx.step.run("b", b)
+        ctx.logger.info("b done")
+        await ctx.step.sleep("nap", "1s")
+        ctx.logger.info("awake")  # first reached in the pass after the sleep
+
+    run = Run(f)
+    with capture_logs() as logs:
+        await run.finish()
+
+    assert [entry["event"] for entry in logs] == [
+        "starting",
+        "a done",
+        "inside b",
+        "inside b",
+        "b done",
+        "awake",
+    ]
 
 
 async def test_the_function_logger_logs_everything_on_a_fresh_run(app: App) -> None:
