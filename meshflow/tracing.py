@@ -34,11 +34,12 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from contextvars import Token
+from typing import TYPE_CHECKING, Any, Self
 
 from .activations import StepScope
 from .names import HDR_MSG_ID, HDR_TRACEPARENT, HDR_TRACESTATE
-from .runs import ErrorInfo, RunRecord, RunStatus, TraceContext
+from .runs import ErrorInfo, RunRecord, RunStatus, TraceContext, error_info
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -136,13 +137,43 @@ def for_new_run(function_id: str, run_id: str, parent: TraceContext | None) -> T
 
 
 # --- spans ---------------------------------------------------------------------------------------
-class PassSpan:
-    """The span of one pass (or nothing, when tracing is off): told how the pass ended."""
+class _Current:
+    """A span, current while inside (class-based: a pass and each step attempt enter one, so it
+    costs no generator frames). An exception leaving it is recorded on it; it ends on the way out."""
 
-    __slots__ = ("span",)
+    __slots__ = ("_token", "span")
 
     def __init__(self, span: Span | None) -> None:
         self.span = span
+        self._token: Token[Context] | None = None
+
+    def __enter__(self) -> Self:
+        if self.span is not None:
+            from opentelemetry import context
+            from opentelemetry.trace import set_span_in_context
+
+            self._token = context.attach(set_span_in_context(self.span))
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        span = self.span
+        if span is None:
+            return
+        from opentelemetry import context
+
+        if self._token is not None:
+            context.detach(self._token)
+        # Like OpenTelemetry's own spans: an Exception is an error; a BaseException (the task
+        # cancelled: the worker stops) is not.
+        if isinstance(exc, Exception):
+            _record_error(span, error_info(exc, retriable=True))
+        span.end()
+
+
+class PassSpan(_Current):
+    """The span of one pass (or nothing, when tracing is off): told how the pass ended."""
+
+    __slots__ = ()
 
     def settled(self, before: RunRecord, after: RunRecord) -> None:
         """The pass wrote ``after`` over ``before``: its status, and the error if it failed."""
@@ -160,24 +191,15 @@ class PassSpan:
             self.span.set_attribute("meshflow.pass.abandoned", why)
 
 
-_NO_PASS = contextlib.nullcontext(PassSpan(None))
-
-
 def run_pass(
     fn: Function, record: RunRecord, *, subject: str, headers: Mapping[str, str], wake: str
-) -> contextlib.AbstractContextManager[PassSpan]:
+) -> PassSpan:
     """The span of a pass of ``record`` woken by ``wake`` (a message on ``subject`` with
-    ``headers``), current while the pass runs; an exception that ends the pass is recorded."""
+    ``headers``), to enter for as long as the pass runs; an exception that ends the pass is
+    recorded on it."""
     tracer = _tracer()
     if tracer is None:
-        return _NO_PASS
-    return _pass_span(tracer, fn, record, subject, headers, wake)
-
-
-@contextlib.contextmanager
-def _pass_span(
-    tracer: Tracer, fn: Function, record: RunRecord, subject: str, headers: Mapping[str, str], wake: str
-) -> Iterator[PassSpan]:
+        return PassSpan(None)
     from opentelemetry.trace import SpanKind
 
     code = fn.handler.__code__
@@ -194,41 +216,32 @@ def _pass_span(
     }
     if HDR_MSG_ID in headers:
         attributes["messaging.message.id"] = headers[HDR_MSG_ID]
-    name = f"process {fn.full_id}"
     parent = _context(record.trace)
-    with tracer.start_as_current_span(name, parent, kind=SpanKind.CONSUMER, attributes=attributes) as span:
-        yield PassSpan(span)
+    return PassSpan(
+        tracer.start_span(f"process {fn.full_id}", parent, kind=SpanKind.CONSUMER, attributes=attributes)
+    )
 
 
 def step_attempts(
     fn: Function, run_id: str
 ) -> Callable[[StepScope], contextlib.AbstractContextManager[Any]] | None:
     """What a pass of run ``run_id`` enters around each attempt of a step (``Activation.step_attempt``):
-    a span, child of the pass's; None when tracing is off."""
+    a span, child of the pass's, current while the handler runs; None when tracing is off."""
     tracer = _tracer()
     if tracer is None:
         return None
+    function_id = fn.full_id
 
-    def attempt(scope: StepScope) -> contextlib.AbstractContextManager[Any]:
-        return _attempt_span(tracer, fn.full_id, run_id, scope)
+    def attempt(scope: StepScope) -> _Current:
+        attributes: dict[str, str | int] = {
+            "meshflow.run_id": run_id,
+            "meshflow.function_id": function_id,
+            "meshflow.step_id": scope.step_id,
+            "meshflow.attempt": scope.attempt,
+        }
+        return _Current(tracer.start_span(f"step {scope.step_id}", attributes=attributes))
 
     return attempt
-
-
-@contextlib.contextmanager
-def _attempt_span(tracer: Tracer, function_id: str, run_id: str, scope: StepScope) -> Iterator[None]:
-    attributes: dict[str, str | int] = {
-        "meshflow.run_id": run_id,
-        "meshflow.function_id": function_id,
-        "meshflow.step_id": scope.step_id,
-        "meshflow.attempt": scope.attempt,
-    }
-    with tracer.start_as_current_span(f"step {scope.step_id}", attributes=attributes) as span:
-        try:
-            yield
-        except Exception as exc:  # recorded (and status set) by the span; error.type beside it
-            span.set_attribute("error.type", type(exc).__name__)
-            raise
 
 
 def sending(subjects: list[str]) -> contextlib.AbstractContextManager[Mapping[str, str]]:
