@@ -198,3 +198,26 @@ async def test_runs_with_no_trace_to_join_start_their_own(
     )
     assert tick_create.parent is None
     assert trace_id(tick_pass) != trace_id(create)
+
+
+async def test_a_batched_run_joins_the_trace_of_the_event_that_opened_its_window(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client, spans: Spans
+) -> None:
+    app = meshflow.App("rows")
+
+    @app.function("ingest", trigger="rows/added", batch=meshflow.Batch(max_size=2, timeout="10s"))
+    async def ingest(ctx: meshflow.Context) -> int:
+        return int(await ctx.step.run("count", lambda: len(ctx.events)))
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        with spans.tracer.start_as_current_span("import rows") as root:
+            await client.send([meshflow.Event(name="rows/added", data={"i": i}) for i in range(2)])
+        passes = await wait_until(
+            lambda: [s for s in spans.all() if s.name == f"process {ingest.full_id}"],
+            message="the batch's pass",
+        )
+
+    (batch,) = passes
+    assert trace_id(batch) == root.get_span_context().trace_id
+    (step,) = spans.of_run(attrs(batch)["meshflow.run_id"], "step ")
+    assert parent_id(step) == span_id(batch)
