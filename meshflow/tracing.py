@@ -30,6 +30,7 @@ its runs send and to its child runs, so one untraced hop does not cut a trace.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -48,9 +49,9 @@ if TYPE_CHECKING:
     from .functions import Function
 
 _API = "opentelemetry.trace"
-# OpenTelemetry's own way to name a provider without code: honoured even before anything
-# imported the API.
-_PROVIDER_ENV = "OTEL_PYTHON_TRACER_PROVIDER"
+# OpenTelemetry's own way to name a provider without code, honoured even before anything
+# imported the API; read once, as the process's environment is set when it starts.
+_NAMED_PROVIDER = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 _NAME = "meshflow"
 _SYSTEM = "nats"
 
@@ -308,11 +309,13 @@ def _record_error(span: Span, error: ErrorInfo) -> None:
 
 def _imported() -> bool:
     """Whether the program uses OpenTelemetry (has imported its API, or names a provider the
-    API loads on its own); meshflow never imports it otherwise."""
-    if _API in sys.modules:
-        return True
-    if _PROVIDER_ENV not in os.environ:
-        return False
+    API loads on its own); meshflow never imports it otherwise. The one check a pass makes
+    when tracing is off, hence as cheap as it gets."""
+    return _API in sys.modules or (_NAMED_PROVIDER and _load_api())
+
+
+@functools.cache
+def _load_api() -> bool:
     try:
         import opentelemetry.trace  # noqa: F401 - loads the provider the environment names
     except ImportError:
