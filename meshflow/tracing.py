@@ -44,7 +44,7 @@ from .runs import ErrorInfo, RunRecord, RunStatus, TraceContext, error_info
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import Span, SpanContext, Tracer
 
     from .functions import Function
 
@@ -102,15 +102,11 @@ def headers_of(trace: TraceContext | None) -> Mapping[str, str]:
 def here(fallback: TraceContext | None = None) -> TraceContext | None:
     """The trace context of the current span; ``fallback`` when there is none (no valid span, or
     OpenTelemetry not in use)."""
-    if _imported():
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    if not _imported():
+        return fallback
+    from opentelemetry.trace import get_current_span
 
-        carrier: dict[str, str] = {}
-        TraceContextTextMapPropagator().inject(carrier)
-        found = carried(carrier)
-        if found is not None:
-            return found
-    return fallback
+    return _stored(get_current_span().get_span_context()) or fallback
 
 
 def outgoing(fallback: TraceContext | None = None) -> Mapping[str, str]:
@@ -330,18 +326,30 @@ class _Tracers:
     tracer: Tracer | None = None
 
 
+_ASK = object()
+
+
 def _tracer() -> Tracer | None:
     """meshflow's tracer, or None when no tracer provider is configured (tracing is off)."""
-    if not _imported():
+    api = sys.modules.get(_API)
+    if api is None and not (_NAMED_PROVIDER and _load_api()):
         return None
-    from opentelemetry import trace
+    # The API's get_tracer_provider() reads os.environ on every call until a provider is set:
+    # half a microsecond, three times a run, with the API imported and tracing off. Its global
+    # says the same at once; an API version without it is asked the public way.
+    provider: Any = getattr(sys.modules[_API], "_TRACER_PROVIDER", _ASK)
+    if provider is None and not _NAMED_PROVIDER:
+        return None
+    if provider is None or provider is _ASK:  # the public way loads a provider the environment names
+        from opentelemetry import trace
 
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
-        return None
-    if _Tracers.provider is not provider:
-        _Tracers.tracer = provider.get_tracer(_NAME)
+        provider = trace.get_tracer_provider()
+    if provider is not _Tracers.provider:
+        from opentelemetry import trace
+
         _Tracers.provider = provider
+        off = isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+        _Tracers.tracer = None if off else provider.get_tracer(_NAME)
     return _Tracers.tracer
 
 
@@ -349,18 +357,29 @@ def _context(trace: TraceContext | None) -> Context:
     """An OpenTelemetry context whose (remote) span is ``trace``'s; with none, an empty one (a
     new trace, whatever span was current where the worker started)."""
     from opentelemetry.context import Context
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+    from opentelemetry.trace.span import TraceState
 
     if trace is None:
         return Context()
-    return TraceContextTextMapPropagator().extract(dict(headers_of(trace)), Context())
+    _, trace_id, span_id, flags = trace.traceparent.split("-")[:4]  # checked by `carried`
+    state = TraceState.from_header([trace.tracestate]) if trace.tracestate else None
+    remote = SpanContext(int(trace_id, 16), int(span_id, 16), True, TraceFlags(int(flags, 16)), state)
+    return set_span_in_context(NonRecordingSpan(remote), Context())
 
 
 def _context_of(span: Span) -> TraceContext | None:
     """``span``'s W3C trace context, as stored and sent."""
-    from opentelemetry.trace import set_span_in_context
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    return _stored(span.get_span_context())
 
-    carrier: dict[str, str] = {}
-    TraceContextTextMapPropagator().inject(carrier, set_span_in_context(span))
-    return carried(carrier)
+
+def _stored(context: SpanContext) -> TraceContext | None:
+    """A span context as stored and sent (W3C ``traceparent`` version 00); None if invalid.
+
+    Formatted here rather than by OpenTelemetry's propagator: a pass asks for it whenever its
+    run sends an event, and this costs a fraction of an inject."""
+    if not context.is_valid:
+        return None
+    parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    state = context.trace_state.to_header() if context.trace_state else ""
+    return TraceContext(traceparent=parent, tracestate=state if len(state) <= _MAX_TRACESTATE else "")

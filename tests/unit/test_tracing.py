@@ -15,7 +15,7 @@ from meshflow import App, tracing
 from meshflow.activations import StepScope
 from meshflow.events import Event
 from meshflow.runs import Attempt, ErrorInfo, RunRecord, RunStatus, TraceContext, encode_record, new_run
-from tests.spans import Spans, attrs, parent_id, recording, trace_id
+from tests.spans import Spans, attrs, parent_id, recording, span_id, trace_id
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -80,14 +80,22 @@ def test_a_pass_joins_the_runs_trace_and_a_run_with_none_is_a_root_whatever_span
     with spans.tracer.start_as_current_span("where the worker was started"):
         with tracing.run_pass(f, record(), subject="s", headers={}, wake="timer") as untraced:
             untraced.settled(record(), record(status=RunStatus.COMPLETED))
-        joined = record(trace=TraceContext(traceparent=PARENT))
-        with tracing.run_pass(f, joined, subject="s", headers={}, wake="timer"):
-            pass
+        joined = record(trace=TraceContext(traceparent=PARENT, tracestate="vendor=7"))
+        with tracing.run_pass(f, joined, subject="s", headers={}, wake="timer") as traced:
+            sent = tracing.here()
+            traced.abandoned("the worker stops")
     root, child = spans.named("process t-f")
     assert root.parent is None
     assert attrs(root)["meshflow.run.status"] == "completed"
     assert trace_id(child) == int(PARENT[3:35], 16)
     assert parent_id(child) == int(PARENT[36:52], 16)
+    assert child.parent is not None
+    assert child.parent.trace_state.to_header() == "vendor=7"
+    assert attrs(child)["meshflow.pass.abandoned"] == "the worker stops"
+    # what the pass sends on: its own span, in the same trace, with the tracestate kept
+    assert sent == TraceContext(
+        traceparent=f"00-{PARENT[3:35]}-{span_id(child):016x}-01", tracestate="vendor=7"
+    )
 
 
 def test_a_pass_records_the_error_of_a_function_attempt_it_failed_or_of_the_run() -> None:
