@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from . import control
+from . import control, tracing
 from .bus import Bus, Following
 from .codec import decode_value
 from .connection import NatsAuth, open_nats
@@ -183,13 +183,19 @@ class Client:
         name, non-JSON data, over the server's max payload) raises `EventError` and sends none.
         """
         batch = [events] if isinstance(events, Event) else list(events)
-        items: list[tuple[str, bytes, dict[str, str] | None]] = []
         limit = event_limit(self._bus.max_payload)
+        encoded: list[tuple[str, bytes]] = []
         for event in batch:
             payload = encode_event(event)
             check_event_size(event, len(payload), limit)
-            items.append((self.names.event_subject(event.name), payload, {HDR_MSG_ID: event.id}))
-        await self._bus.publish_many(items)
+            encoded.append((self.names.event_subject(event.name), payload))
+        # the current trace context goes with every event: the runs they start join it
+        with tracing.sending([subject for subject, _ in encoded]) as trace:
+            items: list[tuple[str, bytes, dict[str, str] | None]] = [
+                (subject, payload, {HDR_MSG_ID: event.id, **trace})
+                for (subject, payload), event in zip(encoded, batch, strict=True)
+            ]
+            await self._bus.publish_many(items)
         return [e.id for e in batch]
 
     async def get_run(self, run_id: str) -> Run:

@@ -26,6 +26,7 @@ import msgspec
 import nats.errors
 import structlog
 
+from . import tracing
 from .bus import Bus, Notice, RunMessage
 from .durations import now_ms
 from .errors import MeshflowError, NatsError, RunNotFoundError
@@ -86,14 +87,16 @@ async def replay_run(store: Store, bus: Bus, run_id: str) -> str:
         raise RunNotFoundError(f"run {run_id} does not exist")
     original = got[0]
     now = now_ms()
+    replay_id = new_ulid(now)
     replay = new_run(
-        new_ulid(now),
+        replay_id,
         app=original.app,
         fn=original.fn,
         events=original.events,
         now=now,
         seq=original.seq,
         replay_of=original.id,
+        trace=tracing.for_new_run(original.function, replay_id, None),  # a trace of its own
     )
     await store.create_run(replay)
     start = RunMessage(run_id=replay.id, reason="start")

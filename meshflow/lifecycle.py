@@ -19,6 +19,7 @@ import datetime as dt
 import msgspec
 import structlog
 
+from . import tracing
 from .bus import Bus, RunMessage
 from .control import request_cancel
 from .durations import format_duration, now_ms
@@ -152,6 +153,7 @@ class Lifecycle:
             parent=ParentRef(
                 run_id=record.id, app=record.app, fn=record.fn, key=item.key, step_id=item.step_id
             ),
+            trace=tracing.here(record.trace),  # the parent's pass
         )
         if local is not None:  # armed here, start timeout included; otherwise by its first worker
             child = msgspec.structs.replace(child, armed=True)

@@ -215,6 +215,9 @@ HDR_TTL = "Nats-TTL"
 HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 HDR_KV_OPERATION = "KV-Operation"
 HDR_ROLLUP = "Nats-Rollup"
+# W3C trace context (https://www.w3.org/TR/trace-context/), lower case as OpenTelemetry writes it.
+HDR_TRACEPARENT = "traceparent"
+HDR_TRACESTATE = "tracestate"
 
 
 def kv_stream(bucket: str) -> str:

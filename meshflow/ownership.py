@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
+from . import tracing
 from .bus import Bus
 from .durations import now_ms
 from .events import Event, encode_event
@@ -72,9 +73,10 @@ class StoreEffects:
 
     async def send(self, events: Sequence[Event], msg_ids: Sequence[str]) -> None:
         subject = self.bus.names.event_subject
+        trace = tracing.outgoing(self.own.record.trace)  # the current span (the pass's), or the run's
         await self.bus.publish_many(
             [
-                (subject(e.name), encode_event(e), {HDR_MSG_ID: m})
+                (subject(e.name), encode_event(e), {HDR_MSG_ID: m, **trace})
                 for e, m in zip(events, msg_ids, strict=True)
             ]
         )

@@ -34,7 +34,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from . import attempts, replay
+from . import attempts, replay, tracing
 from .attempts import interrupted
 from .bus import Bus, Delivery, RunMessage
 from .durations import now_ms
@@ -79,7 +79,8 @@ from .timers import LocalTimers
 log = structlog.get_logger("meshflow.worker")
 
 _WRITE_ATTEMPTS = 10
-_EVENT_HEADERS_ROOM = 256  # an emitted event's Nats-Msg-Id header, and to spare
+# An emitted event's headers: its Nats-Msg-Id, a traceparent and a tracestate of up to 512 bytes.
+_EVENT_HEADERS_ROOM = 1024
 
 
 class Passes:
@@ -260,39 +261,61 @@ class Passes:
             await delivery.nak(delay=0.25)
             return
         self.active.add(run_id)
-        try:
+        span = tracing.run_pass(
+            fn, own.record, subject=delivery.subject, headers=delivery.headers, wake=wake.reason
+        )
+        with span as traced:
             try:
-                outcome, effects = await self._run(fn, delivery, own, memos, before)
-                memos = effects.memos
-            except (StateError, TooLarge) as exc:  # no retry could read or store it: the run fails
-                outcome, memos = replay.Failed(error=_unrecoverable(exc)), memos or {}
-            facts = PassFacts(
-                now=now_ms(),
-                wake=wake,
-                redelivered=delivery.redelivered,
-                memos=memos,
-                max_record_bytes=record_limit(self.bus.max_payload),
-                max_event_bytes=self._event_bytes,
-            )
-            if self.logs is not None:  # what the pass logged is stored before what it did
-                await self.logs.flush()
-            await self._carry_out(fn, own, settle(fn, before, own.record, outcome, facts), memos)
-            await delivery.ack()
-        except RunLost:  # another pass holds the run: this one writes, acks and naks nothing more
-            self.abandoned += 1
-            log.info("pass abandoned: another pass holds the run", run_id=run_id, function=fn.full_id)
-        except Yielded:  # the worker stops: the run goes on elsewhere, from the step after this one
-            await self._let_go(own)
-            await delivery.abandon()
-        except asyncio.CancelledError:  # the worker stops now: let another worker take the run at once
-            await self._let_go(own)
-            raise
-        finally:
-            self.active.discard(run_id)
-            self._cancel_signals.discard(run_id)
-            if own.slots:
-                with contextlib.suppress(MeshflowError):  # unreleased, they expire with the lease
-                    await self.slots.release(own.slots, own.owner)
+                await self._pass(fn, delivery, wake, own, memos, before, traced)
+            except RunLost:  # another pass holds the run: this one writes, acks and naks nothing more
+                self.abandoned += 1
+                traced.abandoned("another pass holds the run")
+                log.info("pass abandoned: another pass holds the run", run_id=run_id, function=fn.full_id)
+            except Yielded:  # the worker stops: the run goes on elsewhere, from the step after this one
+                traced.abandoned("the worker stops")
+                await self._let_go(own)
+                await delivery.abandon()
+            except asyncio.CancelledError:  # the worker stops now: let another worker take the run at once
+                traced.abandoned("the worker stops now")
+                await self._let_go(own)
+                raise
+            finally:
+                self.active.discard(run_id)
+                self._cancel_signals.discard(run_id)
+                if own.slots:
+                    with contextlib.suppress(MeshflowError):  # unreleased, they expire with the lease
+                        await self.slots.release(own.slots, own.owner)
+
+    async def _pass(
+        self,
+        fn: Function,
+        delivery: Delivery,
+        wake: Wake,
+        own: Ownership,
+        memos: dict[str, StepMemo] | None,
+        before: RunRecord,
+        traced: tracing.PassSpan,
+    ) -> None:
+        """The pass itself: replay the run, settle, carry the settlement out, ack."""
+        try:
+            outcome, effects = await self._run(fn, delivery, own, memos, before)
+            memos = effects.memos
+        except (StateError, TooLarge) as exc:  # no retry could read or store it: the run fails
+            outcome, memos = replay.Failed(error=_unrecoverable(exc)), memos or {}
+        facts = PassFacts(
+            now=now_ms(),
+            wake=wake,
+            redelivered=delivery.redelivered,
+            memos=memos,
+            max_record_bytes=record_limit(self.bus.max_payload),
+            max_event_bytes=self._event_bytes,
+        )
+        settled = settle(fn, before, own.record, outcome, facts)
+        if self.logs is not None:  # what the pass logged is stored before what it did
+            await self.logs.flush()
+        await self._carry_out(fn, own, settled, memos)
+        traced.settled(before, settled.record)
+        await delivery.ack()
 
     async def _let_go(self, own: Ownership) -> None:
         """End this pass's lease now, so another worker takes the run over without waiting for it
@@ -351,6 +374,7 @@ class Passes:
                         executing=own.executing,
                         step_slot=own.step_slots.executing if own.step_slots else None,
                         logs=self.logs,
+                        step_attempt=tracing.step_attempts(fn, record.id),
                     ),
                     effects,
                 )
@@ -433,8 +457,12 @@ class Passes:
 
     async def _emit(self, run: RunRecord, events: list[Event], *, notify_parent: bool) -> None:
         """A run's finished events; and the parent's step resolved, for an invoked run."""
+        trace = tracing.outgoing(run.trace)  # the pass's span, else the trace the run joined
         await self.bus.publish_many(
-            [(self.bus.names.event_subject(e.name), encode_event(e), {HDR_MSG_ID: e.id}) for e in events]
+            [
+                (self.bus.names.event_subject(e.name), encode_event(e), {HDR_MSG_ID: e.id, **trace})
+                for e in events
+            ]
         )
         if notify_parent:
             await self.life.notify_parent(run)

@@ -235,6 +235,14 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
     executing: list[str] = msgspec.field(default_factory=list)
 
 
+class TraceContext(msgspec.Struct, frozen=True, kw_only=True):
+    """The W3C trace context a run's passes join (``meshflow.tracing``): the ``traceparent`` and
+    ``tracestate`` of the message that created the run, or of the span that did."""
+
+    traceparent: str
+    tracestate: str = ""
+
+
 def new_lease(worker: str, now: int, lease_ms: int) -> Lease:
     """A lease for a new pass of ``worker``: its own token, good for ``lease_ms`` from ``now``."""
     return Lease(worker=worker, until=now + lease_ms, token=secrets.token_hex(8))
@@ -271,6 +279,7 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     cancel: CancelInfo | None = None  # set when cancellation was asked for
     not_before: int = 0  # a queued run starts no earlier than this (an event with a future ts)
     armed: bool = False  # its timeouts and cancel_on waiters are set up
+    trace: TraceContext | None = None  # the trace every pass of the run joins (None: none)
 
 
 class StepMemo(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,6 +16,7 @@ import hashlib
 import msgspec
 import structlog
 
+from . import tracing
 from .bus import Bus, Delivery, RunMessage
 from .control import request_cancel
 from .cron import Cron
@@ -97,7 +98,7 @@ class Triggers:
                 return
             admission = await self.starts.admit(fn, event, run_id)
             if admission.skip is None and (fn.flow.debounce or fn.flow.batch):
-                opened = await self.windows.gather(fn, event, run_id, seq)
+                opened = await self.windows.gather(fn, event, run_id, seq, tracing.carried(delivery.headers))
                 if opened is not None:  # this event opened a window: its run waits for its start
                     await self.life.arm(fn, opened)
                 await delivery.ack()
@@ -132,6 +133,8 @@ class Triggers:
             seq=seq,
             not_before=not_before if queued else 0,
             armed=True,
+            # every pass joins the trace of the event's sender (a cron tick's run: one of its own)
+            trace=tracing.for_new_run(fn.full_id, run_id, tracing.carried(delivery.headers)),
         )
         if fn.flow.concurrency and not queued and admission.skip is None:
             # it starts when a slot is free: created without a lease, then taken like any run

@@ -11,6 +11,7 @@ from hypothesis import settings
 
 import meshflow
 from meshflow.server import EmbeddedServer
+from tests.spans import Spans, recording
 
 _ns = itertools.count()
 
@@ -38,3 +39,10 @@ def namespace() -> str:
 async def client(nats_server: EmbeddedServer, namespace: str) -> AsyncIterator[meshflow.Client]:
     async with meshflow.connect(nats_server.url, namespace=namespace) as c:
         yield c
+
+
+@pytest.fixture
+def spans() -> Iterator[Spans]:
+    """Spans recorded in memory: an SDK tracer provider, global for this test only."""
+    with recording() as recorded:
+        yield recorded

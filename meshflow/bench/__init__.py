@@ -92,6 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sync-always", action="store_true", help="embedded server with sync_interval: always"
     )
     parser.add_argument("--out", default=None, help="also write the JSON lines to this file")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace every run (an OpenTelemetry SDK provider whose exporter drops the spans)",
+    )
 
 
 def _progress(text: str) -> None:
@@ -122,6 +127,7 @@ class _Bench:
             "runs": len(results),
             "scale": self.target.scale,
             "sync_interval": self.sync,
+            "tracing": self.target.trace is not None,
             "incomplete": any(r.incomplete for r in results),
         }
         line.update(summarize_runs([r.figures for r in results]))
@@ -217,6 +223,17 @@ async def main(args: argparse.Namespace) -> None:
         raise BenchError(f"{failed} workload(s) failed: see their 'error' field")
 
 
+def _traced(tmp: Path) -> Path:
+    """Trace this driver, and have every worker started from now on trace itself too."""
+    from . import traced
+
+    directory = tmp / "spans"
+    directory.mkdir()
+    traced.install()
+    os.environ[traced.TRACE_ENV] = str(directory)
+    return directory
+
+
 async def _bench(args: argparse.Namespace, names: list[str], tmp: Path, out: TextIO | None) -> int:
     server: EmbeddedServer | None = None
     try:
@@ -228,7 +245,8 @@ async def _bench(args: argparse.Namespace, names: list[str], tmp: Path, out: Tex
             url, pid, sync = server.url, server.pid, "always" if args.sync_always else "default"
         admin = await Admin.connect(url)
         try:
-            target = Target(url, pid, admin, tmp, secrets.token_hex(2), args.scale)
+            trace = _traced(tmp) if args.trace else None
+            target = Target(url, pid, admin, tmp, secrets.token_hex(2), args.scale, trace)
             bench = _Bench(target, args.runs, sync, out)
             await bench.run_raw()
             for name in names:

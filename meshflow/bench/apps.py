@@ -17,6 +17,10 @@ from collections.abc import Callable
 import meshflow
 from meshflow.functions import Function, Handler
 
+from . import traced
+
+traced.install_from_env()  # a worker of `meshflow bench --trace` traces itself
+
 app = meshflow.App("bench")
 
 _APPS: dict[str, meshflow.App] = {

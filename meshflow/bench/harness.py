@@ -40,6 +40,7 @@ class Target:
     logs: Path
     token: str
     scale: float
+    trace: Path | None = None  # --trace: where the workers say how many spans they exported
 
 
 @dataclass
@@ -122,10 +123,16 @@ async def with_worker(
                     raise
                 raise BenchError(f"{exc!r}; the worker had exited:\n{worker.log_tail()}") from exc
             result.cpu = ctx.meter.read()
-            return result
     finally:
         await worker.stop()
         await target.admin.delete_namespace(names)
+    if target.trace is not None:
+        from .traced import spans_made
+
+        spans = spans_made(target.trace, worker.pid)
+        if spans is not None:
+            result.figures["spans"] = spans
+    return result
 
 
 async def wait_outputs(

@@ -16,13 +16,14 @@ import asyncio
 
 import msgspec
 
+from .. import tracing
 from ..bus import Bus, RunMessage
 from ..durations import now_ms
 from ..errors import NatsError
 from ..events import Event, encode_event
 from ..functions import Function
 from ..names import batch_full_id
-from ..runs import RunRecord, RunStatus, encode_record, record_limit, record_size
+from ..runs import RunRecord, RunStatus, TraceContext, encode_record, record_limit, record_size
 from ..store import RunConflict, Store
 from . import batching, debounce
 from .starts import key_token
@@ -41,9 +42,12 @@ class Windows:
         # collide on its record (compare-and-set) and retry. Workers still share windows safely.
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    async def gather(self, fn: Function, event: Event, run_id: str, seq: int) -> RunRecord | None:
+    async def gather(
+        self, fn: Function, event: Event, run_id: str, seq: int, trace: TraceContext | None = None
+    ) -> RunRecord | None:
         """Add the event to its key's window. Returns the record of a window it opened (for the
-        caller to arm), or None when it joined one."""
+        caller to arm), or None when it joined one. A window's run joins the trace of the event
+        that opened it (``trace``, from its message)."""
         window = fn.flow.debounce or fn.flow.batch
         assert window is not None
         kind = "db" if fn.flow.debounce is not None else "bt"
@@ -52,7 +56,7 @@ class Windows:
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                return await self._gather(fn, event, run_id, seq, key)
+                return await self._gather(fn, event, run_id, seq, key, trace)
         finally:
             lock, users = self._locks[key]
             if users == 1:
@@ -60,7 +64,9 @@ class Windows:
             else:
                 self._locks[key] = (lock, users - 1)
 
-    async def _gather(self, fn: Function, event: Event, run_id: str, seq: int, key: str) -> RunRecord | None:
+    async def _gather(
+        self, fn: Function, event: Event, run_id: str, seq: int, key: str, trace: TraceContext | None
+    ) -> RunRecord | None:
         window = fn.flow.debounce or fn.flow.batch
         assert window is not None
         for _ in range(_ATTEMPTS):
@@ -80,7 +86,7 @@ class Windows:
             ttl = (window.timeout_ms or window.period_ms) // 1000 + 3600
             value = f"{run_id} {now_ms()}".encode()
             if await self.store.put_flow(key, value, got[1] if got else 0, ttl):
-                return await self._open(fn, run_id, event, seq)
+                return await self._open(fn, run_id, event, seq, trace)
         raise NatsError(f"window {key} kept changing")
 
     async def _join(self, fn: Function, run_id: str, opened: int, event: Event, seq: int) -> bool | None:
@@ -135,7 +141,9 @@ class Windows:
         due = 1 if batching.full(len(events), max_size=batch.max_size) else record.not_before
         return msgspec.structs.replace(record, events=events, not_before=due, updated_at=now)
 
-    async def _open(self, fn: Function, run_id: str, event: Event, seq: int) -> RunRecord | None:
+    async def _open(
+        self, fn: Function, run_id: str, event: Event, seq: int, trace: TraceContext | None
+    ) -> RunRecord | None:
         now = now_ms()
         window = fn.flow.debounce or fn.flow.batch
         assert window is not None
@@ -155,6 +163,7 @@ class Windows:
             seq=seq,
             not_before=due,
             armed=True,
+            trace=tracing.for_new_run(fn.full_id, run_id, trace),
         )
         if await self.store.create_run(record) is None:
             return None  # written before: a redelivered event

@@ -100,3 +100,27 @@ def test_bench_prints_one_line_of_numeric_figures_per_workload(tmp_path: Path) -
     assert by_name["D1"]["stored_runs"]["min"] == 1000  # 100,000 at --scale 0.01, all listed
     assert by_name["D1"]["none_runs"]["max"] == 0  # no run is cancelled: that filter finds nothing
     assert "W1 run 1/1" in stderr
+
+
+@pytest.mark.timeout(120)
+def test_bench_trace_traces_every_run_and_counts_its_spans(tmp_path: Path) -> None:
+    """``--trace``: each W1 run (3 steps) makes a span per pass and per step attempt, and the
+    worker exported every one of them."""
+    args = ["W1", "--runs", "1", "--scale", "0.01", "--trace"]
+    done = subprocess.run(
+        [sys.executable, "-m", "meshflow", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    raw, w1 = (json.loads(line) for line in done.stdout.splitlines())
+    assert raw["tracing"] is True
+    assert w1["tracing"] is True
+    completed = w1["completed"]["median"]
+    assert completed == 20  # 2,000 at --scale 0.01
+    spans = w1["spans"]["median"]
+    assert spans % 4 == 0  # one pass and three steps a run, warm-up runs included
+    assert spans >= 4 * completed
