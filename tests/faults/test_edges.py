@@ -158,7 +158,7 @@ async def test_a_worker_whose_connection_closes_for_good_stops_and_says_so(
     app, _, _ = edge_app()
     worker = meshflow.Worker(app, nats=nats_server.url, namespace=namespace)
     serving = asyncio.ensure_future(worker.serve())
-    await wait_until(lambda: worker.bus.connected if hasattr(worker, "bus") else False, timeout=30)
+    await wait_until(lambda: worker._started_at > 0, timeout=30)  # started: serving, not provisioning
     # a message over max_payload counting its headers: nats-py sends it, the server closes the
     # connection for good (meshflow's own writes are checked first and never get this far)
     nc = worker.bus.nc
