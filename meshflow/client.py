@@ -331,15 +331,31 @@ class Client:
         until: dt.datetime | None = None,
         budget: int = 20_000,
     ) -> tuple[list[Run], int | None]:
-        """Runs, most recently updated first, without their steps; and a cursor for the next page.
+        """Runs without their steps, newest first by creation (with a ``status``: by when they
+        took it); and a cursor for the next page (None: no older ones).
 
-        Pages backwards through the runs bucket's stream (``before`` is the cursor a previous
-        call returned). Filters are applied as it reads, and at most ``budget`` records are
-        examined per call: a rare filter may return a short page with a cursor to go on, never
-        a scan of every run.
+        ``since`` and ``until`` bound when the runs were created. Pages come from the runs
+        index (``meshflow.runindex``), which the server filters: a rare filter costs a few
+        reads, like the first page. At most ``budget`` runs are examined per call, so a page may
+        come back short, with a cursor to go on; never a scan of every run. Before the index is
+        whole (a deployment from before it, until its first sweep) pages read the run records,
+        most recently updated first, ``budget`` records at most.
         """
         low = epoch_ms(since) if since is not None else 0
         high = epoch_ms(until) if until is not None else 2**62
+        index = self._store.index
+        if await index.ready():
+            records, cursor = await index.page(
+                status=status,
+                function=function_id,
+                since=low,
+                until=high,
+                before=before,
+                want=limit,
+                budget=budget,
+                read=self._store.get_runs,
+            )
+            return [await self._view(record, steps=False) for record in records], cursor
 
         def keep(data: bytes) -> bool:
             try:

@@ -67,7 +67,7 @@ async def request_cancel(store: Store, bus: Bus, run_id: str, reason: str) -> bo
         if record.cancel is None:
             asked = msgspec.structs.replace(record, cancel=CancelInfo(reason=reason, at=now_ms()))
             try:
-                await store.update_run(asked, rev)
+                await store.update_run(asked, rev, was=record.status)
             except RunConflict:
                 continue  # the run moved on meanwhile: look again
         try:

@@ -38,6 +38,16 @@ class Names:
         """What runs log (``ctx.logger``), a subject per run, kept for a while (``meshflow.logs``)."""
         return f"{self.ns.upper()}_LOGS"
 
+    @property
+    def index_stream(self) -> str:
+        """The runs index, append only: runs by creation, and as they end (``meshflow.runindex``)."""
+        return f"{self.ns.upper()}_INDEX"
+
+    @property
+    def live_stream(self) -> str:
+        """The runs index's live part: the status of each run that has not ended."""
+        return f"{self.ns.upper()}_LIVE"
+
     # --- subjects ----------------------------------------------------------------------------
     @property
     def events_subjects(self) -> str:
@@ -68,6 +78,41 @@ class Names:
     @property
     def log_subjects(self) -> str:
         return f"{self.ns}.log.*"
+
+    # The runs index (see ``meshflow.runindex``).
+    @property
+    def index_subjects(self) -> str:
+        return f"{self.ns}.idx.>"
+
+    def index_new_subject(self, function: str, run_id: str) -> str:
+        """A run, written once as it is created: the stream's order is the runs' creation order."""
+        return f"{self.ns}.idx.new.{function}.{run_id}"
+
+    def index_new_filter(self, function: str | None) -> str:
+        return f"{self.ns}.idx.new.{function or '*'}.*"
+
+    def index_end_subject(self, status: str, function: str, run_id: str) -> str:
+        """A run that ended, written once as it does."""
+        return f"{self.ns}.idx.end.{status}.{function}.{run_id}"
+
+    def index_end_filter(self, status: str, function: str | None) -> str:
+        return f"{self.ns}.idx.end.{status}.{function or '*'}.*"
+
+    @property
+    def index_ready_subject(self) -> str:
+        """Written once the index holds every run (the sweeper filled in those from before it)."""
+        return f"{self.ns}.idx.ready"
+
+    @property
+    def live_subjects(self) -> str:
+        return f"{self.ns}.live.>"
+
+    def live_subject(self, status: str, function: str, run_id: str) -> str:
+        """The status of a run that has not ended, rewritten as it changes."""
+        return f"{self.ns}.live.{status}.{function}.{run_id}"
+
+    def live_filter(self, status: str | None, function: str | None, run_id: str = "*") -> str:
+        return f"{self.ns}.live.{status or '*'}.{function or '*'}.{run_id}"
 
     def cancel_subject(self, run_id: str) -> str:
         """Core NATS (not stored): tells the worker running ``run_id`` to stop between steps."""

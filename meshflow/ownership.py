@@ -188,7 +188,7 @@ class Ownership:
                 updated_at=now,
             )
             try:
-                self.rev = await self._store.update_run(renewed, self.rev)
+                self.rev = await self._store.update_run(renewed, self.rev, was=self.record.status)
                 self.record = renewed
             except RunConflict:  # written by someone else: a cancel request, or another pass
                 got = await self._store.get_run(self.record.id)

@@ -194,7 +194,7 @@ class Passes:
         if _interrupted(record):  # a pass that never ended was running these: each is an attempt
             leased = self._count_interrupted(leased, record)
         try:
-            rev = await self.store.update_run(leased, rev)
+            rev = await self.store.update_run(leased, rev, was=record.status)
         except RunConflict:
             await self.slots.release(slots, owner)
             await delivery.nak(delay=0.05)
@@ -482,9 +482,10 @@ class Passes:
 
     async def _write(self, own: Ownership, final: RunRecord) -> None:
         """Write the pass's record by compare-and-set, merging a cancel request that came meanwhile."""
+        was = own.record.status
         for _ in range(_WRITE_ATTEMPTS):
             try:
-                own.rev = await self.store.update_run(final, own.rev)
+                own.rev = await self.store.update_run(final, own.rev, was=was)
                 own.record = final
                 return
             except RunConflict:
@@ -493,6 +494,7 @@ class Passes:
                     own.lose()
                     raise RunLost(f"run {final.id}: it was deleted") from None
                 current, own.rev = got
+                was = current.status
                 if not own.holds(current):  # ended, or taken over by another pass after our lease lapsed
                     own.lose()
                     raise RunLost(f"run {final.id}: another pass holds it now") from None

@@ -4,6 +4,8 @@
 - ``{NS}_RUNS``: "advance run X" messages and the scheduled timers that produce them.
 - ``{NS}_LOGS``: what runs log, a subject per run, kept ``log_retention`` (7 days by default),
   at most `RUN_LOG_CAP` records per run (the oldest go first; see ``meshflow.logs``).
+- ``{NS}_INDEX`` and ``{NS}_LIVE``: the runs index (``meshflow.runindex``): append only, and the
+  statuses of the runs that have not ended (one message per subject).
 
 Idempotent and safe to race with other processes (``Store.provision`` calls it with the buckets).
 Split out of ``bus`` (publishing, consuming, scheduling), whose connection it uses.
@@ -72,6 +74,15 @@ async def ensure_streams(bus: Bus, *, replicas: int = 1, log_retention: dt.timed
             error=str(exc),
             fix="meshflow worker APP --provision-only (as admin)",
         )
+    try:
+        await _ensure_index_streams(bus, replicas)
+    except NatsError as exc:  # as for the logs: the runs list then reads the records themselves
+        log.warning(
+            "the runs index is missing and cannot be created: filtered runs lists scan",
+            stream=n.index_stream,
+            error=str(exc),
+            fix="meshflow worker APP --provision-only (as admin)",
+        )
 
 
 async def _ensure_logs_stream(bus: Bus, replicas: int, log_retention: dt.timedelta | None) -> None:
@@ -91,6 +102,24 @@ async def _ensure_logs_stream(bus: Bus, replicas: int, log_retention: dt.timedel
         ),
         max_age=log_retention is not None,
     )
+
+
+async def _ensure_index_streams(bus: Bus, replicas: int) -> None:
+    n = bus.names
+    # Pages are batched direct gets, which cost the server more on a stream with deleted
+    # messages in it: what is written once stays in one stream, what changes in the other.
+    parts = ((n.index_stream, n.index_subjects, -1), (n.live_stream, n.live_subjects, 1))
+    for name, subject, per_subject in parts:
+        config = StreamConfig(
+            name=name,
+            subjects=[subject],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_msgs_per_subject=per_subject,  # the live part: a rewritten status replaces the last
+            num_replicas=replicas,
+            allow_direct=True,
+        )
+        await _ensure_stream(bus, config)
 
 
 async def _ensure_stream(bus: Bus, config: StreamConfig, *, max_age: bool = False) -> None:

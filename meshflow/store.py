@@ -38,7 +38,8 @@ from .names import (
 )
 from .provision import ensure_streams, fit_replicas
 from .requests import NATS_ERRORS, ApiError, Requester, retry_pauses
-from .runs import RunRecord, StepMemo, decode_memo, decode_run, encode_record
+from .runindex import RunsIndex
+from .runs import RunRecord, RunStatus, StepMemo, decode_memo, decode_run, encode_record
 from .streams import Streams, stored_ms
 
 _BATCH = 1024  # the most subjects one multi_last direct get may match
@@ -131,6 +132,7 @@ class Store:
         self.names = names
         self.requests = requester or Requester(nc)
         self.streams = Streams(self.requests)  # streams read a page at a time (the dashboard)
+        self.index = RunsIndex(self.requests, self.streams, names)  # runs by creation and status
         self._runs: Any = None
         self._steps: Any = None
         self._registry: Any = None
@@ -163,12 +165,32 @@ class Store:
         count = replicas or bus.default_replicas()
         await ensure_streams(bus, replicas=count, log_retention=log_retention)
         await self.open(replicas=count)
+        await self._open_index()
         if replicas is None and not audit:
             return
         n = self.names
         buckets = (n.runs_bucket, n.steps_bucket, n.registry_bucket, n.waits_bucket, n.flow_bucket)
-        streams = [n.events_stream, n.runs_stream, n.logs_stream, *(kv_stream(b) for b in buckets)]
+        streams = [
+            n.events_stream,
+            n.runs_stream,
+            n.logs_stream,
+            n.index_stream,
+            n.live_stream,
+            *(kv_stream(b) for b in buckets),
+        ]
         await fit_replicas(bus, streams, count, scale=replicas is not None)
+
+    async def _open_index(self) -> None:
+        """Find out whether the runs index exists; a deployment with no runs yet has it whole."""
+        try:
+            await self.streams.stream_state(self.names.index_stream)
+        except NatsError:
+            self.index.enabled = False  # a deployment from before it, with an identity that cannot add it
+            return
+        if not await self.index.ready():
+            runs = await self.streams.stream_state(kv_stream(self.names.runs_bucket))
+            if runs.messages == 0:
+                await self.index.mark_ready()
 
     async def _bucket(self, name: str, create: bool, replicas: int) -> Any:
         try:
@@ -291,20 +313,45 @@ class Store:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise StateError(f"the record of run {run_id} cannot be read: {exc}") from exc
 
+    async def get_runs(self, run_ids: list[str]) -> dict[str, RunRecord]:
+        """The records of these runs that exist and can be read, by id (one batched read)."""
+        keys = [run_id for run_id in run_ids if _KEY.fullmatch(run_id)]
+        values: dict[str, bytes] = {}
+        for at in range(0, len(keys), _BATCH // 2):  # within what one multi_last may return
+            values.update(await self._last_values(self.names.runs_bucket, keys[at : at + _BATCH // 2]))
+        out: dict[str, RunRecord] = {}
+        for data in values.values():
+            try:
+                record = decode_run(data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue  # a record nobody can read is left out of lists (get_run says why)
+            out[record.id] = record
+        return out
+
     async def create_run(self, record: RunRecord) -> int | None:
-        """Store a new run; None when a run with this id exists already (the claim is taken)."""
+        """Store a new run; None when a run with this id exists already (the claim is taken).
+        Its entries in the runs index are written first."""
+        await self.index.created(record)
         return await self._create(
             self.names.runs_bucket, record.id, encode_record(record), f"run {record.id}"
         )
 
-    async def update_run(self, record: RunRecord, revision: int) -> int:
-        """Replace the run record if it is still at ``revision``; `RunConflict` otherwise."""
+    async def update_run(self, record: RunRecord, revision: int, *, was: RunStatus | None = None) -> int:
+        """Replace the run record if it is still at ``revision``; `RunConflict` otherwise.
+
+        ``was`` is the status of the record at ``revision`` when the caller knows it: a write
+        that keeps it costs no index write (None: the status entry is written anyway).
+        """
+        entry = await self.index.moving(record) if was is not record.status else None
         try:
-            return await self._write(
+            rev = await self._write(
                 self.names.runs_bucket, record.id, encode_record(record), revision, f"run {record.id}"
             )
         except _WrongRevision:
             raise RunConflict(record.id) from None
+        if entry is not None:
+            await self.index.moved(record, entry)
+        return rev
 
     async def watch_run(self, run_id: str) -> AsyncGenerator[RunRecord, None]:
         """Yield the run record now (if it exists) and on every change.

@@ -14,13 +14,16 @@ an id per run, item and deadline, so two sweeps never wake a run twice. The pass
 what the lost message would have done; a run that moved on meanwhile finds nothing to do.
 
 The read is a scan of the runs bucket, a page of 1,024 records at a time: about a second per
-100,000 runs, every five minutes, on one worker.
+100,000 runs, every five minutes, on one worker. The same sweep keeps the runs index whole
+(`RunsIndex.repair`: it reads the index too, about as long again); a deployment whose index
+does not yet hold every run is swept at once when its sweeper starts, not five minutes later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 import structlog
 
@@ -52,9 +55,12 @@ class Sweeper:
 
     async def loop(self, stopping: asyncio.Event) -> None:
         """Sweep every ``interval`` seconds while this worker leads, until ``stopping`` is set."""
+        now = self.store.index.enabled and not await self.store.index.ready()  # fill it in
         while not stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.interval)
+            if not now:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), self.interval)
+            now = False
             if stopping.is_set():
                 return
             try:
@@ -76,17 +82,26 @@ class Sweeper:
         """Wake every run stuck for longer than ``grace_ms``; how many were woken."""
         now = now_ms()
         woken = 0
-        async for record in self.store.iter_runs():
-            wake = stuck(record, now, grace_ms)
-            if wake is None:
-                continue
-            key, deadline = wake
-            message = RunMessage(run_id=record.id, reason="sweep" if key else "start", key=key)
-            await self.bus.publish_run(
-                record.app, record.fn, message, msg_id=sweep_wake_id(record.id, key, deadline)
-            )
-            log.info("a stuck run was woken", run_id=record.id, item=key or None, overdue_ms=now - deadline)
-            woken += 1
+
+        async def records() -> AsyncIterator[RunRecord]:
+            nonlocal woken
+            async for record in self.store.iter_runs():
+                yield record  # to the index's repair
+                wake = stuck(record, now, grace_ms)
+                if wake is None:
+                    continue
+                key, deadline = wake
+                message = RunMessage(run_id=record.id, reason="sweep" if key else "start", key=key)
+                await self.bus.publish_run(
+                    record.app, record.fn, message, msg_id=sweep_wake_id(record.id, key, deadline)
+                )
+                overdue = now - deadline
+                log.info("a stuck run was woken", run_id=record.id, item=key or None, overdue_ms=overdue)
+                woken += 1
+
+        written, removed = await self.store.index.repair(records())
+        if written or removed:
+            log.info("the runs index was put right", entries_written=written, entries_removed=removed)
         self.woken += woken
         return woken
 

@@ -17,7 +17,11 @@ publishes (`Bus.publish_many`, 1,024 in flight), a chunk of `CHUNK` runs at a ti
   in the bucket's stream (history 1) as they do under a worker with runs in flight, and the
   stream holds 2N sequences for N live records;
 - two step memos per run (one when the run failed at its first step or is still suspended
-  after it), so a run's detail page loads real steps.
+  after it), so a run's detail page loads real steps;
+- the runs index's entries, as workers write them in a deployment made with the index (in
+  creation order, after its ready marker): each run's "new" entry and its "running" live
+  entry, then its end entry (or its sleeping or waiting live entry); the "running" ones are
+  purged at the end, as a worker purges each when the run moves on.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from meshflow.client import Client
 from meshflow.events import Event, encode_event
 from meshflow.functions import Function
 from meshflow.ids import new_ulid, run_id_for, step_hash
-from meshflow.names import HDR_MSG_ID, kv_subject
+from meshflow.names import HDR_MSG_ID, kv_subject, stream_purge_subject
 from meshflow.runs import (
     ErrorInfo,
     Lease,
@@ -180,21 +184,35 @@ async def seed(
         acks = await bus.publish_many(items)
         records: list[Item] = []
         memos: list[Item] = []
+        index: list[Item] = []
         for start in range(0, len(events), GROUP):
             finals: list[Item] = []
+            statuses: list[Item] = []
             for k in range(start, min(len(events), start + GROUP)):
                 status = _status(rnd)
                 first, final, steps_of = _run(fns[k], events[k], acks[k].seq, status, now, rnd)
                 records.append((kv_subject(runs, first.id), encode_record(first), None))
                 finals.append((kv_subject(runs, final.id), encode_record(final), None))
+                created = str(final.created_at).encode()
+                index.append((names.index_new_subject(final.function, final.id), created, None))
+                index.append((names.live_subject(RunStatus.RUNNING, final.function, final.id), created, None))
+                if final.status.terminal:
+                    entry = names.index_end_subject(final.status, final.function, final.id)
+                else:
+                    entry = names.live_subject(final.status, final.function, final.id)
+                statuses.append((entry, created, None))
                 memos.extend(
                     (kv_subject(steps, names.step_key(final.id, m.hash)), encode_record(m), None)
                     for m in steps_of
                 )
                 done.run_ids.append(final.id)
             records.extend(finals)
+            index.extend(statuses)
         await bus.publish_many(records)
         await bus.publish_many(memos)
+        await bus.publish_many(index)
         done.event_ids.extend(e.id for e in events)
-        done.writes += len(items) + len(records) + len(memos)
+        done.writes += len(items) + len(records) + len(memos) + len(index)
+    purge = {"filter": names.live_filter(RunStatus.RUNNING, None)}
+    await client._store.requests.request(stream_purge_subject(names.live_stream), msgspec.json.encode(purge))
     return done

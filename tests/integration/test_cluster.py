@@ -304,7 +304,7 @@ async def test_workers_provisioning_at_once_agree_and_replicas_change_only_when_
 ) -> None:
     names = Names("provision")
     n = names
-    streams = [n.events_stream, n.runs_stream, n.logs_stream]
+    streams = [n.events_stream, n.runs_stream, n.logs_stream, n.index_stream, n.live_stream]
     streams += [
         kv_stream(b)
         for b in (n.runs_bucket, n.steps_bucket, n.registry_bucket, n.waits_bucket, n.flow_bucket)

@@ -105,6 +105,10 @@ async def test_a_worker_killed_mid_step_loses_nothing_and_reruns_no_committed_st
     runs = [await client.wait_for_run(r, timeout=60) for r in run_ids]
 
     assert [r.status for r in runs] == [meshflow.RunStatus.COMPLETED] * len(runs)
+    # the runs index agrees: the killed worker's passes left no entry that shows
+    listed, _ = await client.list_runs(status=meshflow.RunStatus.COMPLETED)
+    assert sorted(r.id for r in listed) == sorted(run_ids)
+    assert (await client.list_runs(status=meshflow.RunStatus.RUNNING))[0] == []
     counts = ledger_counts(ledger)
     for r in run_ids:
         assert counts[(r, "one")] == 1  # committed before the crash: never re-run
