@@ -17,7 +17,7 @@ import dataclasses
 
 import msgspec
 
-from .codec import input_beside
+from .codec import decode_value, input_beside
 from .retries import Retry, attempts_left, never_retried, retry_delay_ms
 from .runs import (
     NULL,
@@ -99,7 +99,7 @@ def after(
         since=tried.ended,
         attempt=tried.attempt,
         error=error,
-        input=given,
+        input=decode_value(given),
     )
     return After(memo=None, retry=retry, history=record)
 

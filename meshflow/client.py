@@ -153,7 +153,7 @@ def _steps(
                 waits_for=[w.event for w in p.waits],
                 child_run_id=p.invoke.run_id if p.invoke else None,
                 history=tried.get(p.key, []),
-                input=decode_value(p.input),
+                input=p.input,
             )
         )
     # In execution order: by start, then by end (a step still pending ends last); steps within

@@ -70,6 +70,8 @@ def decode_value(raw: msgspec.Raw | bytes | None, type: Any = None) -> Any:
 MAX_INPUT = 64 * 1024
 #: The input of a step with no arguments (or of a step that takes none: a sleep, a wait).
 NO_INPUT = msgspec.Raw(b"null")
+#: The input of a retrying step left out of its run's record, which would be too large with it.
+INPUT_NO_ROOM = "<not stored: no room for it in the run's record>"
 _MAX_REASON = 512
 
 
@@ -101,10 +103,6 @@ def input_beside(given: msgspec.Raw, room: int | None, output: int = 0) -> msgsp
 
 def _marker(text: str) -> msgspec.Raw:
     return msgspec.Raw(_encoder.encode(f"<{text}>"))
-
-
-#: The input of a retrying step left out of its run's record, which would be too large with it.
-INPUT_NO_ROOM = _marker("not stored: no room for it in the run's record")
 
 
 def _reason(exc: Exception) -> str:

@@ -171,7 +171,7 @@ def settle(
     size = record_size(settled.record)
     if limit is None or size <= limit:
         return settled
-    if isinstance(outcome, Suspended) and any(p.input != NULL for p in outcome.pending):
+    if isinstance(outcome, Suspended) and any(p.input is not None for p in outcome.pending):
         # Inputs are kept to be read, never to run: they go before the run would have to fail.
         lean = _suspend(before, current, _without_inputs(outcome), facts)
         if record_size(lean.record) <= limit:
@@ -192,7 +192,7 @@ def settle(
 
 def _without_inputs(outcome: Suspended) -> Suspended:
     pending = [
-        p if p.input == NULL else msgspec.structs.replace(p, input=INPUT_NO_ROOM) for p in outcome.pending
+        p if p.input is None else msgspec.structs.replace(p, input=INPUT_NO_ROOM) for p in outcome.pending
     ]
     return msgspec.structs.replace(outcome, pending=pending)
 

@@ -91,16 +91,18 @@ async def test_a_retrying_step_shows_its_input_while_it_waits_and_replays_leave_
         await client.send(event)
         run_id = pay.run_id_for(event)
 
-        async def retrying() -> meshflow.StepInfo | None:
+        async def retrying() -> meshflow.Run | None:
             try:
                 run = await client.get_run(run_id)
             except meshflow.RunNotFoundError:
                 return None
             step = steps_of(run).get("charge")
-            return step if step is not None and step.status == "retrying" else None
+            return run if step is not None and step.status == "retrying" else None
 
         waiting = await wait_until(retrying, timeout=20, message="the charge step waits for its retry")
-        assert waiting.input == ["ADA", 1250]
+        assert steps_of(waiting)["charge"].input == ["ADA", 1250]
+        as_json = msgspec.to_builtins(waiting)  # what `meshflow run` and the dashboard's API show
+        assert [p["input"] for p in as_json["pending"]] == [["ADA", 1250]]
         done = await client.wait_for_run(run_id, timeout=30)
 
     assert done.output == "charged ADA 1250"
