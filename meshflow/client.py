@@ -60,8 +60,9 @@ class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
     (None: it had none, or the step is not a ``step.run``). Arguments that are not JSON, or over
     64 KiB of it, are not kept: ``input`` is then a string saying why, like ``"<not JSON:
     TypeError: cannot encode a value of type builtins.object>"`` or ``"<not stored: 70,123 bytes
-    of JSON, over the 64 KiB limit>"``; the step ran all the same. A step still retrying shows
-    the input of its last attempt.
+    of JSON, over the 64 KiB limit>"`` (also ``"<not stored: ... no room ...>"`` when the input
+    would not fit beside the step's result or in its run's record); the step ran all the same.
+    A step still retrying shows the input of its last attempt.
     """
 
     id: str
