@@ -109,3 +109,14 @@ class Cancelled(msgspec.Struct, frozen=True, tag=True):
 
 
 Outcome = Completed | Failed | Suspended | Cancelled
+
+
+def as_it_was(act: Activation) -> Suspended:
+    """``act``'s run suspended again just as it was (a pass woken before its retry backoff ended)."""
+    return Suspended(
+        pending=list(act.pending),
+        step_failures=dict(act.step_failures),
+        attempt=act.attempt,
+        step_history={key: list(tried) for key, tried in act.step_history.items()},
+        history=list(act.history),
+    )

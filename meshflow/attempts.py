@@ -5,6 +5,8 @@ kept in the run record until the step is committed), or fails the step for good;
 returned is the step's result. Either way the memo holds every attempt when there were several
 (`StepMemo.history`), bounded by `kept`; a step whose first attempt succeeded keeps none (its memo
 says when and where it ran). An attempt its worker did not live to finish is `interrupted`.
+The step's input (its arguments as `codec.encode_input` keeps them) goes on its memo, and on its
+pending retry while it waits.
 
 Pure: no I/O.
 """
@@ -15,6 +17,7 @@ import dataclasses
 
 import msgspec
 
+from .codec import decode_value, input_beside
 from .retries import Retry, attempts_left, never_retried, retry_delay_ms
 from .runs import (
     NULL,
@@ -40,6 +43,7 @@ class Tried:
     started: int  # epoch ms
     ended: int
     worker: str
+    given: msgspec.Raw = dataclasses.field(default_factory=lambda: NULL)  # `codec.encode_input`
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -59,15 +63,19 @@ def after(
     exc: BaseException | None,
     output: msgspec.Raw | None,
     rnd: float,
+    room: int | None = None,
 ) -> After:
     """The outcome of ``tried``, which raised ``exc`` or returned ``output`` (JSON), after the
-    attempts in ``history``; ``rnd`` jitters a retry's backoff."""
+    attempts in ``history``; ``rnd`` jitters a retry's backoff. The step's input is kept while it
+    fits in ``room`` beside its output (the most one stored value may hold; None: no limit)."""
     if exc is None:
         assert output is not None
         this = Attempt(
             attempt=tried.attempt, started_at=tried.started, ended_at=tried.ended, worker=tried.worker
         )
-        memo = _memo(tried, StepStatus.COMPLETED, kept([*history, this]) if history else [], output=output)
+        given = input_beside(tried.given, room, len(output))
+        history = kept([*history, this]) if history else []
+        memo = _memo(tried, StepStatus.COMPLETED, history, output=output, given=given)
         return After(memo=memo, retry=None, history=memo.history)
     again = not never_retried(exc) and attempts_left(policy, tried.attempt)
     error = error_info(exc, retriable=again)
@@ -79,8 +87,10 @@ def after(
         error=error,
     )
     record = kept([*history, this])
+    given = input_beside(tried.given, room)
     if not again:
-        return After(memo=_memo(tried, StepStatus.FAILED, record, error=error), retry=None, history=record)
+        memo = _memo(tried, StepStatus.FAILED, record, error=error, given=given)
+        return After(memo=memo, retry=None, history=record)
     retry = Pending(
         kind=PendingKind.STEP_RETRY,
         key=tried.key,
@@ -89,6 +99,7 @@ def after(
         since=tried.ended,
         attempt=tried.attempt,
         error=error,
+        input=decode_value(given),
     )
     return After(memo=None, retry=retry, history=record)
 
@@ -110,6 +121,7 @@ def _memo(
     *,
     output: msgspec.Raw | None = None,
     error: ErrorInfo | None = None,
+    given: msgspec.Raw = NULL,
 ) -> StepMemo:
     return StepMemo(
         id=tried.step_id,
@@ -123,6 +135,7 @@ def _memo(
         ended_at=tried.ended,
         worker=tried.worker,
         history=history,
+        input=given,
     )
 
 

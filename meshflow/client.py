@@ -54,7 +54,16 @@ from .store import FunctionInfo, Store, WorkerInfo
 
 
 class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """One step of a run, as the client reports it."""
+    """One step of a run, as the client reports it.
+
+    ``input`` is what a ``step.run`` step was given: the list of its arguments as JSON data
+    (None: it had none, or the step is not a ``step.run``). Arguments that are not JSON, or over
+    64 KiB of it, are not kept: ``input`` is then a string saying why, like ``"<not JSON:
+    TypeError: cannot encode a value of type builtins.object>"`` or ``"<not stored: 70,123 bytes
+    of JSON, over the 64 KiB limit>"`` (also ``"<not stored: ... no room ...>"`` when the input
+    would not fit beside the step's result or in its run's record); the step ran all the same.
+    A step still retrying shows the input of its last attempt.
+    """
 
     id: str
     kind: str
@@ -70,6 +79,7 @@ class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
     # Every attempt, oldest first: when, on which worker, and its error (the last 50; only the
     # last 5 with their tracebacks). A step still retrying shows the attempts so far.
     history: list[Attempt] = msgspec.field(default_factory=list)
+    input: Any = None
 
 
 class Run(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,6 +134,7 @@ def _steps(
             error=m.error,
             child_run_id=m.child,
             history=m.history or [_only_attempt(m)],
+            input=decode_value(m.input),
         )
         for m in memos.values()
     ]
@@ -143,6 +154,7 @@ def _steps(
                 waits_for=[w.event for w in p.waits],
                 child_run_id=p.invoke.run_id if p.invoke else None,
                 history=tried.get(p.key, []),
+                input=p.input,
             )
         )
     # In execution order: by start, then by end (a step still pending ends last); steps within

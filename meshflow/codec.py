@@ -1,9 +1,13 @@
-"""JSON encoding of user values: step outputs, run outputs, event data.
+"""JSON encoding of user values: step outputs and inputs, run outputs, event data.
 
 Stored values are JSON. Besides plain JSON values, msgspec Structs, dataclasses, attrs classes,
 datetimes, UUIDs, enums and pydantic models (through ``model_dump(mode="json")``) are encoded.
 A value is always handed back to the function as decoded JSON (or as ``type`` when one is given),
 the first time and on every replay alike, so a function cannot behave differently on replay.
+
+A step's inputs (its arguments) are kept for people to read, never handed back to code: they are
+bounded (`MAX_INPUT`) and never fail the step. Arguments that are not JSON, or too large, are
+kept as a JSON string marking why (`encode_input`).
 """
 
 from __future__ import annotations
@@ -60,3 +64,54 @@ def decode_value(raw: msgspec.Raw | bytes | None, type: Any = None) -> Any:
     if callable(validate):
         return validate(data)
     return msgspec.json.decode(data, type=type)
+
+
+#: The most JSON a step's arguments keep on record; larger ones leave a marker instead.
+MAX_INPUT = 64 * 1024
+#: The input of a step with no arguments (or of a step that takes none: a sleep, a wait).
+NO_INPUT = msgspec.Raw(b"null")
+#: The input of a retrying step left out of its run's record, which would be too large with it.
+INPUT_NO_ROOM = "<not stored: no room for it in the run's record>"
+_MAX_REASON = 512
+
+
+def encode_input(args: tuple[Any, ...], *, limit: int = MAX_INPUT) -> msgspec.Raw:
+    """A step's arguments as kept on record: their JSON list, or `NO_INPUT` for none.
+
+    Never raises. Arguments that cannot be encoded are kept as the JSON string
+    ``"<not JSON: TypeError: cannot encode a value of type builtins.object>"``, and ones over
+    ``limit`` bytes of JSON as ``"<not stored: 70,123 bytes of JSON, over the 64 KiB limit>"``.
+    """
+    if not args:
+        return NO_INPUT
+    try:
+        raw = _encoder.encode(args)  # a tuple is a JSON list
+    except Exception as exc:  # a user's model_dump may raise anything; the step runs regardless
+        return _marker(f"not JSON: {_reason(exc)}")
+    if len(raw) > limit:
+        return _marker(f"not stored: {len(raw):,} bytes of JSON, over the {_size(limit)} limit")
+    return msgspec.Raw(raw)
+
+
+def input_beside(given: msgspec.Raw, room: int | None, output: int = 0) -> msgspec.Raw:
+    """``given`` (from `encode_input`), or a marker when it and ``output`` bytes (the step's
+    result) are more than ``room``, what one stored value may hold (None: no limit)."""
+    if room is None or len(given) + output <= room:
+        return given
+    return _marker(f"not stored: {len(given):,} bytes of JSON, no room beside the step's result")
+
+
+def _marker(text: str) -> msgspec.Raw:
+    return msgspec.Raw(_encoder.encode(f"<{text}>"))
+
+
+def _reason(exc: Exception) -> str:
+    try:
+        reason = f"{type(exc).__name__}: {exc}"
+    except Exception:  # a user's __str__ may raise too
+        reason = type(exc).__name__
+    return reason if len(reason) <= _MAX_REASON else f"{reason[:_MAX_REASON]}…"
+
+
+def _size(limit: int) -> str:
+    return f"{limit // 1024} KiB" if limit % 1024 == 0 else f"{limit:,} bytes"

@@ -44,9 +44,9 @@ from .activations import Completed as Completed
 from .activations import Effects as Effects
 from .activations import Failed as Failed
 from .activations import Outcome as Outcome
-from .activations import StepScope
+from .activations import StepScope, as_it_was
 from .activations import Suspended as Suspended
-from .codec import decode_value, encode_value
+from .codec import decode_value, encode_input, encode_value
 from .durations import ms_at, parse_duration, parse_when, to_ms
 from .errors import (
     ConfigError,
@@ -233,6 +233,7 @@ class _Pass:
         if old is not None and old.kind is PendingKind.STEP_RETRY and old.until > self.act.clock():
             await self.park(old)  # still backing off: a message arrived early
         failures = self.step_failures.get(key, 0)
+        given = encode_input(args)  # before the handler runs (it may change them), once an attempt
         self.running += 1
         self.bump()
         retry: Pending | None = None
@@ -255,9 +256,9 @@ class _Pass:
                     isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling()
                 ):
                     raise  # the pass is abandoned or cancelled (the worker stops): not the step's failure
-                memo, retry = self._attempted(step_id, key, policy, failures, started, exc, None)
+                memo, retry = self._attempted(step_id, key, policy, failures, started, exc, None, given)
             else:
-                memo, retry = self._attempted(step_id, key, policy, failures, started, None, output)
+                memo, retry = self._attempted(step_id, key, policy, failures, started, None, output, given)
             if memo is not None:
                 memo = await self.effect(self.effects.commit(memo))
                 self.memos[key] = memo
@@ -279,17 +280,19 @@ class _Pass:
         started: int,
         exc: BaseException | None,
         output: msgspec.Raw | None,
+        given: msgspec.Raw,
     ) -> tuple[StepMemo | None, Pending | None]:
         """What one attempt of a step comes to (`attempts.after`): the memo to commit, or the
         retry to wait for; the attempts so far are kept for the next pass meanwhile."""
         now = self.act.clock()
         after = attempts.after(
-            attempts.Tried(step_id, key, failures + 1, started, now, self.act.worker),
+            attempts.Tried(step_id, key, failures + 1, started, now, self.act.worker, given),
             history=self.step_history.get(key, []),
             policy=policy,
             exc=exc,
             output=output,
             rnd=self.act.random(),
+            room=self.act.max_value_bytes,
         )
         if after.retry is not None:
             self.step_failures[key] = failures + 1
@@ -550,13 +553,7 @@ async def execute(act: Activation, effects: Effects) -> Outcome:
     """
     retry = next((p for p in act.pending if p.kind is PendingKind.RUN_RETRY), None)
     if retry is not None and act.clock() < retry.until:  # woken early: the backoff is not over
-        return Suspended(
-            pending=list(act.pending),
-            step_failures=dict(act.step_failures),
-            attempt=act.attempt,
-            step_history={key: list(tried) for key, tried in act.step_history.items()},
-            history=list(act.history),
-        )
+        return as_it_was(act)
     engine = _Pass(act, effects)
     logger = RunLogger.of(act, lambda: engine.replaying, _in_step.get)
     ctx = Context(

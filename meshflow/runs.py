@@ -210,6 +210,9 @@ class Pending(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None = None
     waits: list[WaitSpec] = msgspec.field(default_factory=list)  # WAIT: the events it accepts
     invoke: InvokeSpec | None = None  # INVOKE: the child run
+    # STEP_RETRY: the step's arguments as kept on record (`codec.encode_input`), decoded (a Pending
+    # is public, on `Run.pending`, so it holds plain data); None: none.
+    input: Any = None
 
 
 class CancelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -299,6 +302,8 @@ class StepMemo(msgspec.Struct, frozen=True, kw_only=True):
     child: str | None = None  # INVOKE: the child run's id
     worker: str = ""  # the worker whose attempt this result is
     history: list[Attempt] = msgspec.field(default_factory=list)  # every attempt, when there were several
+    # RUN: the step's arguments as kept on record (`codec.encode_input`); JSON null: none.
+    input: msgspec.Raw = msgspec.field(default_factory=lambda: NULL)
 
 
 def safe_str(exc: BaseException) -> str:

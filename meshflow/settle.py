@@ -22,7 +22,8 @@ Rules (``tests/unit/test_settle.py`` checks them as tables):
    finish-timeout timer are dropped; a cancelled run's pending timers and waits are dropped too.
    An event too large to emit leaves out the run's output, then the original event's data.
 6. Waits are registered and children started once each: again only after a redelivery.
-7. A record too large to store is never written: the run fails saying so.
+7. A record too large to store is never written: a suspended run first leaves out the inputs
+   of its retrying steps (markers say so), and if that is not enough, the run fails saying so.
 
 The pass releases its concurrency slots when it ends, whatever the settlement.
 """
@@ -35,6 +36,7 @@ from enum import Enum
 
 import msgspec
 
+from .codec import INPUT_NO_ROOM
 from .events import Event
 from .functions import Function
 from .replay import Cancelled, Completed, Failed, Outcome, Suspended
@@ -169,6 +171,11 @@ def settle(
     size = record_size(settled.record)
     if limit is None or size <= limit:
         return settled
+    if isinstance(outcome, Suspended) and any(p.input is not None for p in outcome.pending):
+        # Inputs are kept to be read, never to run: they go before the run would have to fail.
+        lean = _suspend(before, current, _without_inputs(outcome), facts)
+        if record_size(lean.record) <= limit:
+            return lean
     error = ErrorInfo(
         type="SerializationError",
         message=f"the run's record would be {size} bytes, more than one record may hold ({limit} bytes: "
@@ -181,6 +188,13 @@ def settle(
         return settled
     slim = msgspec.structs.replace(current, events=[without_data(e) for e in current.events])
     return _end(fn, before, slim, Failed(error=error), facts)
+
+
+def _without_inputs(outcome: Suspended) -> Suspended:
+    pending = [
+        p if p.input is None else msgspec.structs.replace(p, input=INPUT_NO_ROOM) for p in outcome.pending
+    ]
+    return msgspec.structs.replace(outcome, pending=pending)
 
 
 def _suspend(before: RunRecord, current: RunRecord, outcome: Suspended, facts: PassFacts) -> Settlement:

@@ -94,10 +94,15 @@ class Step:
         JSON data, a msgspec Struct, a dataclass or a pydantic model; the function gets it back
         as decoded JSON (or as ``type``, when given) on the first run and every replay alike.
 
+        ``args`` are kept as the step's input for people to read (`StepInfo.input`, the run
+        page), as JSON up to 64 KiB; arguments that are not JSON, or larger, are kept as a marker
+        saying so, and the handler gets them all the same.
+
         Args:
             step_id: the step's name within the run.
             handler: what to run.
-            *args: positional arguments for the handler (JSON-friendly values are best).
+            *args: positional arguments for the handler (JSON-friendly values are best: they
+                are the step's input on record).
             type: decode the result into this type (a Struct, dataclass, ...).
             retries: this step's own retry count (or `Retry` policy), instead of the function's.
 

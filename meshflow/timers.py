@@ -74,7 +74,7 @@ class LocalTimers:
 
     def keep_warm(self, record: RunRecord, revision: int, memos: dict[str, StepMemo]) -> None:
         """Remember the state just written for a run with a local timer, within the bounds."""
-        size = len(encode_record(record)) + sum(len(m.output) + 200 for m in memos.values())
+        size = len(encode_record(record)) + sum(len(m.output) + len(m.input) + 200 for m in memos.values())
         self.take_warm(record.id)
         if size <= WARM_STATE_BYTES and self._warm_bytes + size <= WARM_TOTAL_BYTES:
             self._warm[record.id] = WarmRun(record, revision, memos, size)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -331,3 +333,42 @@ async def test_the_run_page_shows_every_attempt_of_a_retried_step_with_its_error
     assert all("w-page" in row for row in rows)
     assert "<script>alert" not in page.text
     assert page.text.count('class="s-failed"') >= 2  # each failed attempt marked on the timeline
+
+
+async def test_the_run_page_shows_each_steps_input_as_escaped_text_folding_a_long_one(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client, web: httpx.AsyncClient
+) -> None:
+    app = meshflow.App("inputs")
+
+    @app.function("echo", trigger="inputs/go", retries=0)
+    async def echo(ctx: meshflow.Context) -> int:
+        await ctx.step.run("short", lambda text: len(text), XSS)
+        await ctx.step.run("long", len, list(range(50)))
+        await ctx.step.run("opaque", lambda thing: 0, object())
+        return 0
+
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace):
+        event = meshflow.Event(name="inputs/go")
+        await client.send(event)
+        run = await client.wait_for_run(echo.run_id_for(event), timeout=30)
+    page = await web.get(f"/runs/{run.id}")
+    assert page.status_code == 200
+    inputs = re.findall(
+        r'<details class="input"( open)?><summary>Input</summary><pre class="input">(.*?)</pre>',
+        page.text,
+        re.S,
+    )
+    assert [(opened, json.loads(html.unescape(text))) for opened, text in inputs] == [
+        (" open", [XSS]),
+        ("", [list(range(50))]),  # 50 lines and more: folded
+    ]
+    assert "&lt;script&gt;alert" in inputs[0][1]  # as text, never as markup
+    marker = "&lt;not JSON: TypeError: cannot encode a value of type builtins.object&gt;"
+    assert f'<p class="input">Input {marker}</p>' in page.text
+    assert "<script>alert" not in page.text
+    api = (await web.get(f"/api/runs/{run.id}")).json()
+    assert [s["input"] for s in api["steps"]] == [
+        [XSS],
+        [list(range(50))],
+        "<not JSON: TypeError: cannot encode a value of type builtins.object>",
+    ]
