@@ -144,7 +144,7 @@ OPENAPI: dict[str, Any] = {
     "paths": {
         "/api/runs": {
             "get": _op(
-                "Runs, most recently updated first",
+                "Runs, newest first by creation (with a status: by when they took it)",
                 params=("status", "function", "since", "until", "before", "limit"),
             )
         },

@@ -13,7 +13,7 @@ Two kinds of figures:
   away), ``meshflow_consumer_pending{function,consumer}`` and
   ``meshflow_consumer_ack_pending{function,consumer}`` (the backlog of each function's events
   and runs consumers), ``meshflow_workers`` and ``meshflow_recent_runs{function,status}`` (the
-  statuses of the most recently updated runs, a bounded sample).
+  statuses of the most recently created runs, a bounded sample).
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class Metrics:
         )
         recent = Gauge(
             "meshflow_recent_runs",
-            f"Statuses of the {_RECENT} most recently updated runs",
+            f"Statuses of the {_RECENT} most recently created runs",
             ["function", "status"],
             registry=scrape,
         )

@@ -97,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="trace every run (an OpenTelemetry SDK provider whose exporter drops the spans)",
     )
+    parser.add_argument("--logs", action="store_true", help="each W1 step logs a line with ctx.logger")
 
 
 def _progress(text: str) -> None:
@@ -128,6 +129,7 @@ class _Bench:
             "scale": self.target.scale,
             "sync_interval": self.sync,
             "tracing": self.target.trace is not None,
+            "logs": os.environ.get(apps.LOGS_ENV) == "1",
             "incomplete": any(r.incomplete for r in results),
         }
         line.update(summarize_runs([r.figures for r in results]))
@@ -246,6 +248,8 @@ async def _bench(args: argparse.Namespace, names: list[str], tmp: Path, out: Tex
         admin = await Admin.connect(url)
         try:
             trace = _traced(tmp) if args.trace else None
+            if args.logs:  # the workers started from now on log (W1's steps)
+                os.environ[apps.LOGS_ENV] = "1"
             target = Target(url, pid, admin, tmp, secrets.token_hex(2), args.scale, trace)
             bench = _Bench(target, args.runs, sync, out)
             await bench.run_raw()

@@ -11,8 +11,9 @@ Step handlers are no-op coroutines returning a small dict, so a run costs only m
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import meshflow
 from meshflow.functions import Function, Handler
@@ -46,6 +47,9 @@ TRIGGER_W6 = "bench/w6"
 TRIGGER_W7 = "bench/w7"
 
 SLEEP_S = 2.0
+#: Set (to "1") by ``meshflow bench --logs``: each W1 step logs a line with ``ctx.logger``.
+LOGS_ENV = "MESHFLOW_BENCH_LOGS"
+_LOGGING = os.environ.get(LOGS_ENV) == "1"
 
 
 def _function(workload: str, fn_id: str, trigger: str) -> Callable[[Handler], Function]:
@@ -63,10 +67,21 @@ async def noop(i: int) -> dict[str, int]:
     return {"step": i}
 
 
+def _logging(ctx: meshflow.Context) -> Callable[[int], Awaitable[dict[str, int]]]:
+    """`noop` that first logs one line into the run's logs (``--logs``)."""
+
+    async def logged(i: int) -> dict[str, int]:
+        ctx.logger.info("step ran", step=i)
+        return {"step": i}
+
+    return logged
+
+
 @_function("w1", "three-steps", TRIGGER_W1)
 async def three_steps(ctx: meshflow.Context) -> dict[str, int]:
+    step = _logging(ctx) if _LOGGING else noop
     for i in range(3):
-        await ctx.step.run(f"s{i}", noop, i)
+        await ctx.step.run(f"s{i}", step, i)
     return {"steps": 3}
 
 
