@@ -48,9 +48,10 @@ from .lifecycle import Lifecycle
 from .logs import LogShipper, capture_stdlib
 from .names import Names
 from .passes import Passes
+from .presence import Presence
 from .router import Router
 from .settle import Wake
-from .store import FunctionInfo, Store, WorkerInfo
+from .store import FunctionInfo, Store
 from .sweeper import Sweeper
 from .threads import DaemonThreads
 from .triggers import Triggers, cron_key
@@ -58,8 +59,6 @@ from .triggers import Triggers, cron_key
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
 _DISCOVER_EVERY = 5.0
-_ANNOUNCE_EVERY = 10.0
-_ANNOUNCE_TTL_S = 30
 
 log = structlog.get_logger("meshflow.worker")
 
@@ -191,13 +190,14 @@ class Worker:
             for spec in fn.cancel_on:
                 await self.router.ensure_route(spec.event)
         await self.router.discover()
-        self._loops.append(asyncio.create_task(self._discover_routes()))
+        self._loops.append(asyncio.create_task(self.router.keep_discovering(self._stopping, _DISCOVER_EVERY)))
         self.sweeper = Sweeper(store, bus, self.id)
         self._loops.append(asyncio.create_task(self.sweeper.loop(self._stopping)))
         self._started_at = now_ms()
         await check_durability(nc, self.monitor)
-        await self._announce()
-        self._loops.append(asyncio.create_task(self._announce_loop()))
+        presence = Presence(store, self.id, self.functions, self._started_at)
+        await presence.announce()
+        self._loops.append(asyncio.create_task(presence.loop(self._stopping)))
         self._listening.append(await bus.listen(n.cancel_subjects, self._on_cancel_signal))
         self._listening.append(
             await bus.listen(n.control_subjects, self._on_control, queue="meshflow-control")
@@ -351,46 +351,12 @@ class Worker:
         await self.router.route(delivery.data, delivery.seq, delivery.stored_ms)
         await delivery.ack()
 
-    async def _discover_routes(self) -> None:
-        """Pick up, every few seconds, the event names runs on other workers started waiting for.
-
-        Their consumers keep the events meanwhile; the worker that registered a wait routes its
-        name from the start, so this only spreads the routing work.
-        """
-        while not self._stopping.is_set():
-            await asyncio.sleep(_DISCOVER_EVERY)
-            try:
-                await self.router.discover()
-            except MeshflowError as exc:
-                log.warning("could not look for new routes", error=str(exc))
-
     # --- core messages --------------------------------------------------------------------------
     async def _on_cancel_signal(self, notice: Notice) -> None:
         self.passes.signal_cancel(notice.subject.rpartition(".")[2])
 
     async def _on_control(self, notice: Notice) -> None:
         await control.serve(self.store, self.bus, notice)
-
-    # --- the registry -------------------------------------------------------------------------
-    async def _announce(self) -> None:
-        info = WorkerInfo(
-            id=self.id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            functions=sorted(self.functions),
-            started_at=self._started_at,
-            seen_at=now_ms(),
-        )
-        await self.store.put_worker(info, ttl_s=_ANNOUNCE_TTL_S)
-
-    async def _announce_loop(self) -> None:
-        """Keep this worker listed in the registry (for the dashboard) while it runs."""
-        while not self._stopping.is_set():
-            await asyncio.sleep(_ANNOUNCE_EVERY)
-            try:
-                await self._announce()
-            except MeshflowError as exc:
-                log.warning("could not announce the worker", error=str(exc))
 
 
 def _bound(fn: Function, handle: Callable[[Function, Delivery], Awaitable[None]]) -> Handle:
