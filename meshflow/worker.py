@@ -7,7 +7,8 @@ run, `Passes`); and it pulls from the ``route-{name}`` consumers of the event na
 deliveries to it. One worker of the namespace at a time also sweeps for stuck runs (`Sweeper`).
 
 In-flight work is bounded by ``concurrency`` (`InFlight`); suspended runs hold nothing here (local
-timers for near deadlines aside, see ``timers``).
+timers for near deadlines aside, see ``timers``). Given a ``metrics_port``, it serves ``/metrics``
+and ``/health`` (``meshflow.monitor``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
@@ -56,6 +58,9 @@ from .sweeper import Sweeper
 from .threads import DaemonThreads
 from .triggers import Triggers, cron_key
 
+if TYPE_CHECKING:
+    from .monitor import Monitor
+
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
 _DISCOVER_EVERY = 5.0
@@ -88,6 +93,10 @@ class Worker:
             with the run's logs (``ctx.logger``'s are always kept).
         log_retention: how long the logs stream keeps runs' logs (a duration, default 7 days);
             given, it is applied to the stream as it exists too.
+        metrics_port: serve ``/metrics`` (Prometheus) and ``/health`` on this port (0: a free one,
+            read back from ``metrics_port`` once started); None (default): no endpoint, no metrics.
+        metrics_host: the address the endpoint binds (default loopback only).
+        health_max_lag: seconds of event-loop lag past which ``/health`` fails (``meshflow.monitor``).
     """
 
     def __init__(
@@ -104,6 +113,9 @@ class Worker:
         shutdown_grace: float = 30.0,
         capture_logging: bool = False,
         log_retention: str | dt.timedelta | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+        health_max_lag: float = 5.0,
     ) -> None:
         if not apps:
             raise MeshflowError("a worker needs at least one App")
@@ -122,6 +134,9 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.capture_logging = capture_logging
         self.log_retention = parse_duration(log_retention, what="log_retention") if log_retention else None
+        self.metrics_port = metrics_port  # once started, the port bound
+        self.metrics_host = metrics_host
+        self.health_max_lag = health_max_lag
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_ulid()[-6:]}"
         self.inflight = InFlight(concurrency)
         self.threads = DaemonThreads(concurrency)  # for plain `def` step handlers
@@ -137,6 +152,7 @@ class Worker:
         self.store: Store
         self.passes: Passes
         self.triggers: Triggers
+        self.endpoint: Monitor | None = None  # /metrics and /health, given a metrics_port
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -172,6 +188,10 @@ class Worker:
             windows=Windows(store, bus),
             passes=self.passes,
         )
+        if self.metrics_port is not None:  # before the first pass, so that every run counts
+            from .monitor import Monitor  # here: a worker without the endpoint loads no metrics
+
+            self.endpoint = Monitor.of(self, self.metrics_host, self.metrics_port, self.health_max_lag)
         await store.provision(bus, self.replicas, audit=True, log_retention=self.log_retention)
         self.logs.start()
         if self.capture_logging:
@@ -205,6 +225,13 @@ class Worker:
         for fn in self.functions.values():
             for cron in fn.crons:
                 await bus.schedule_cron(fn, cron_key(cron), cron.next_after(now_ms()))
+        if self.endpoint is not None:  # last: /health answers once the worker serves
+            try:
+                await self.endpoint.start()
+            except MeshflowError:  # the port is taken: a worker that cannot be watched does not run
+                await self.stop(grace=0)
+                raise
+            self.metrics_port = self.endpoint.port
         log.info("worker started", worker=self.id, functions=sorted(self.functions), namespace=n.ns)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -246,6 +273,8 @@ class Worker:
                 await self.store.drop_worker(self.id)
         if hasattr(self, "bus"):
             await self.bus.close()
+        if self.endpoint is not None:
+            await self.endpoint.stop()
         self._stopped.set()
         log.info("worker stopped", worker=self.id)
 
