@@ -97,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="trace every run (an OpenTelemetry SDK provider whose exporter drops the spans)",
     )
+    parser.add_argument(
+        "--metrics", action="store_true", help="workers serve /metrics (meshflow worker --metrics-port 0)"
+    )
 
 
 def _progress(text: str) -> None:
@@ -128,6 +131,7 @@ class _Bench:
             "scale": self.target.scale,
             "sync_interval": self.sync,
             "tracing": self.target.trace is not None,
+            "metrics": self.target.metrics,
             "incomplete": any(r.incomplete for r in results),
         }
         line.update(summarize_runs([r.figures for r in results]))
@@ -246,7 +250,7 @@ async def _bench(args: argparse.Namespace, names: list[str], tmp: Path, out: Tex
         admin = await Admin.connect(url)
         try:
             trace = _traced(tmp) if args.trace else None
-            target = Target(url, pid, admin, tmp, secrets.token_hex(2), args.scale, trace)
+            target = Target(url, pid, admin, tmp, secrets.token_hex(2), args.scale, trace, args.metrics)
             bench = _Bench(target, args.runs, sync, out)
             await bench.run_raw()
             for name in names:
