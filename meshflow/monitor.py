@@ -163,8 +163,8 @@ class Monitor:
         worker.passes.metrics = metrics
         return monitor
 
-    async def start(self) -> None:
-        """Bind and serve, and start measuring the loop's lag."""
+    async def start(self) -> int:
+        """Bind and serve, and start measuring the loop's lag; the port bound."""
         try:
             self._server = await asyncio.start_server(self._serve, self.host, self.port, limit=_MAX_HEAD)
         except OSError as exc:
@@ -172,6 +172,7 @@ class Monitor:
         self.port = self._server.sockets[0].getsockname()[1]
         self._probe = asyncio.create_task(self._measure())
         log.info("metrics and health served", url=f"http://{self.host}:{self.port}/metrics")
+        return self.port
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -49,6 +49,7 @@ from .waits import (
 log = structlog.get_logger("meshflow.router")
 
 _SCAN_BATCH = 256
+DISCOVER_EVERY = 5.0  # seconds between two looks for routes other workers created
 #: Waiter entries outlive their wait's timeout by this much, then expire on their own.
 _WAITER_GRACE_S = 3600
 
@@ -92,7 +93,7 @@ class Router:
             if name_token(name) not in self._routes:
                 await self.ensure_route(name)
 
-    async def keep_discovering(self, stopping: asyncio.Event, every: float) -> None:
+    async def keep_discovering(self, stopping: asyncio.Event, every: float = DISCOVER_EVERY) -> None:
         """`discover` every ``every`` seconds until ``stopping`` is set.
 
         The route consumers keep the events meanwhile; the worker that registered a wait routes

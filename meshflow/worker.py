@@ -63,7 +63,6 @@ if TYPE_CHECKING:
 
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
-_DISCOVER_EVERY = 5.0
 
 log = structlog.get_logger("meshflow.worker")
 
@@ -93,10 +92,10 @@ class Worker:
             with the run's logs (``ctx.logger``'s are always kept).
         log_retention: how long the logs stream keeps runs' logs (a duration, default 7 days);
             given, it is applied to the stream as it exists too.
-        metrics_port: serve ``/metrics`` (Prometheus) and ``/health`` on this port (0: a free one,
-            read back from ``metrics_port`` once started); None (default): no endpoint, no metrics.
-        metrics_host: the address the endpoint binds (default loopback only).
-        health_max_lag: seconds of event-loop lag past which ``/health`` fails (``meshflow.monitor``).
+        metrics_port: serve ``/metrics`` and ``/health`` on this port (``meshflow.monitor``; 0: a free
+            one, read back from ``metrics_port`` once started); None (default): none, and no metrics.
+        metrics_host, health_max_lag: the address they bind (default loopback only); the seconds
+            of event-loop lag past which ``/health`` fails.
     """
 
     def __init__(
@@ -210,7 +209,7 @@ class Worker:
             for spec in fn.cancel_on:
                 await self.router.ensure_route(spec.event)
         await self.router.discover()
-        self._loops.append(asyncio.create_task(self.router.keep_discovering(self._stopping, _DISCOVER_EVERY)))
+        self._loops.append(asyncio.create_task(self.router.keep_discovering(self._stopping)))
         self.sweeper = Sweeper(store, bus, self.id)
         self._loops.append(asyncio.create_task(self.sweeper.loop(self._stopping)))
         self._started_at = now_ms()
@@ -227,11 +226,10 @@ class Worker:
                 await bus.schedule_cron(fn, cron_key(cron), cron.next_after(now_ms()))
         if self.endpoint is not None:  # last: /health answers once the worker serves
             try:
-                await self.endpoint.start()
+                self.metrics_port = await self.endpoint.start()
             except MeshflowError:  # the port is taken: a worker that cannot be watched does not run
                 await self.stop(grace=0)
                 raise
-            self.metrics_port = self.endpoint.port
         log.info("worker started", worker=self.id, functions=sorted(self.functions), namespace=n.ns)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -285,7 +283,13 @@ class Worker:
             NatsError: the connection to NATS closed for good (the worker stopped, so that its
                 supervisor can start it again).
         """
-        await self.start()
+        try:
+            await self.start()
+        except NatsError:
+            if self.failure is None:
+                raise
+            await self._stopped.wait()  # it closed for good while the worker started: say that
+            raise self.failure from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
