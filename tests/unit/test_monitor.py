@@ -80,7 +80,10 @@ async def test_health_and_metrics_answer_over_http(monitor: Monitor) -> None:
     assert status == "HTTP/1.1 200 OK"
     assert headers["content-type"] == "application/json"
     assert headers["connection"] == "close"
-    assert json.loads(body) == {"status": "ok", "nats_connected": True, "event_loop_lag_seconds": 0.0}
+    report = json.loads(body)
+    assert report["status"] == "ok"
+    assert report["nats_connected"] is True
+    assert report["event_loop_lag_seconds"] >= 0
     status, headers, body = await ask(monitor, b"GET /metrics HTTP/1.1\r\n\r\n")
     assert status == "HTTP/1.1 200 OK"
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
