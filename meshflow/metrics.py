@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -97,28 +97,47 @@ class WorkerMetrics:
             registry=self.registry,
         )
         ProcessCollector(registry=self.registry)
+        # Each function's labelled children, made once: labels() costs more than what it labels.
+        self._of: dict[str, _Children] = {}
+        self._ended: dict[tuple[str, str], Counter] = {}
 
     # --- fed by the pass executor ----------------------------------------------------------------
     def run_started(self, fn: Function, record: RunRecord) -> None:
         """The first pass of ``record`` (leased, its ``started_at`` set) begins now."""
-        self.started.labels(fn.full_id).inc()
+        of = self._children(fn.full_id)
+        of.started.inc()
         started_at = record.started_at or int(time.time() * 1000)
-        self.delays.labels(fn.full_id).observe(start_delay_ms(record, started_at) / 1000)
+        of.delay.observe(start_delay_ms(record, started_at) / 1000)
 
     def run_finished(self, record: RunRecord) -> None:
         """``record`` was written ended (or created skipped) by this worker."""
-        self.finished.labels(record.function, record.status.value).inc()
+        key = (record.function, record.status.value)
+        counter = self._ended.get(key)
+        if counter is None:
+            counter = self._ended[key] = self.finished.labels(*key)
+        counter.inc()
 
     def step_attempts(self, fn: Function, inner: StepAttempt | None) -> StepAttempt:
         """What a pass enters around each step attempt: a timer around ``inner`` (the trace
         span, if any), observed when the handler returns or raises."""
-        completed = self.attempts.labels(fn.full_id, StepStatus.COMPLETED.value)
-        failed = self.attempts.labels(fn.full_id, StepStatus.FAILED.value)
+        of = self._children(fn.full_id)
+        completed, failed = of.completed, of.failed
 
         def attempt(scope: StepScope) -> _Timed:
             return _Timed(completed, failed, inner(scope) if inner is not None else None)
 
         return attempt
+
+    def _children(self, function_id: str) -> _Children:
+        of = self._of.get(function_id)
+        if of is None:
+            of = self._of[function_id] = _Children(
+                started=self.started.labels(function_id),
+                delay=self.delays.labels(function_id),
+                completed=self.attempts.labels(function_id, StepStatus.COMPLETED.value),
+                failed=self.attempts.labels(function_id, StepStatus.FAILED.value),
+            )
+        return of
 
     # --- read when scraped -----------------------------------------------------------------------
     def read(self, figures: Callable[[], Mapping[str, tuple[str, str, float]]]) -> None:
@@ -129,6 +148,15 @@ class WorkerMetrics:
     def render(self) -> bytes:
         """Everything, in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+class _Children(NamedTuple):
+    """A function's labelled counters and histograms."""
+
+    started: Counter
+    delay: Histogram
+    completed: Histogram
+    failed: Histogram
 
 
 class _Timed:
