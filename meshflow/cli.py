@@ -85,6 +85,9 @@ async def _worker(args: argparse.Namespace) -> None:
         shutdown_grace=args.shutdown_grace,
         capture_logging=args.capture_logging,
         log_retention=args.log_retention,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        health_max_lag=args.health_max_lag,
     )
     if args.provision_only:  # create streams, buckets and consumers, register the functions, exit
         await worker.start()
@@ -275,6 +278,19 @@ def _parser() -> argparse.ArgumentParser:
         "--nats-monitor",
         default=os.environ.get("MESHFLOW_NATS_MONITOR"),
         help="the server's monitoring URL, to check it syncs every write (env MESHFLOW_NATS_MONITOR)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve /metrics (Prometheus) and /health on this port (0: a free one, logged); default: off",
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1", help="the address /metrics and /health bind")
+    p.add_argument(
+        "--health-max-lag",
+        type=float,
+        default=5.0,
+        help="seconds of event-loop lag past which /health answers 503",
     )
     p.set_defaults(func=_worker)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -76,6 +76,9 @@ from .store import RunConflict, Store
 from .threads import DaemonThreads
 from .timers import LocalTimers
 
+if TYPE_CHECKING:
+    from .metrics import StepAttempt, WorkerMetrics
+
 log = structlog.get_logger("meshflow.worker")
 
 _WRITE_ATTEMPTS = 10
@@ -119,6 +122,7 @@ class Passes:
         self._cancel_signals: set[str] = set()
         self.abandoned = 0  # passes that stopped because another pass took their run over
         self.stopping = False  # the worker stops: passes end after the step they run
+        self.metrics: WorkerMetrics | None = None  # counts starts, ends and step attempts, if set
 
     def signal_cancel(self, run_id: str) -> None:
         """Run ``run_id`` was asked to stop: if a pass of it runs here, it stops before its next step."""
@@ -200,13 +204,29 @@ class Passes:
             await delivery.nak(delay=0.05)
             return
         if record.started_at is None:  # its first pass: a queued, invoked or replayed run starts
-            await self.bus.announce_start(fn)
+            await self.started(fn, leased)
         if not record.armed and await self.life.arm(fn, leased, starting=True):
             await self.slots.release(slots, owner)
             await delivery.ack()  # cancelled by an event already sent; the cancel message ends it
             return
         own = self.own(leased, rev, slots=slots, owner=owner)
         await self.advance(fn, delivery, wake, own, memos=memos, before=record)
+
+    async def started(self, fn: Function, record: RunRecord) -> None:
+        """The first pass of ``record`` (leased) begins: tell whoever counts."""
+        await self.bus.announce_start(fn)
+        if self.metrics is not None:
+            self.metrics.run_started(fn, record)
+
+    def ended(self, run: RunRecord) -> None:
+        """``run`` was written ended (or created skipped) here: tell whoever counts."""
+        if self.metrics is not None:
+            self.metrics.run_finished(run)
+
+    def _step_attempts(self, fn: Function, run_id: str) -> StepAttempt | None:
+        """What the engine enters around each step attempt: the trace span, timed if counted."""
+        traced = tracing.step_attempts(fn, run_id)
+        return traced if self.metrics is None else self.metrics.step_attempts(fn, traced)
 
     def own(
         self, record: RunRecord, rev: int, *, slots: list[Slot] | None = None, owner: str = ""
@@ -374,7 +394,7 @@ class Passes:
                         executing=own.executing,
                         step_slot=own.step_slots.executing if own.step_slots else None,
                         logs=self.logs,
-                        step_attempt=tracing.step_attempts(fn, record.id),
+                        step_attempt=self._step_attempts(fn, record.id),
                     ),
                     effects,
                 )
@@ -434,6 +454,7 @@ class Passes:
         if settled.ended:
             emitting = self._emit(run, settled.emit, notify_parent=settled.notify_parent)
             await asyncio.gather(emitting, self._write(own, run))
+            self.ended(run)
         else:
             for item in settled.arm:
                 await self.bus.schedule(fn, run.id, item.key, item.until)

@@ -19,6 +19,7 @@ whose lookup sees the waiter. Both may find the same event; the memo commit make
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -27,7 +28,7 @@ import structlog
 from .bus import Bus, RunMessage
 from .control import request_cancel
 from .durations import now_ms
-from .errors import RunNotFoundError
+from .errors import MeshflowError, RunNotFoundError
 from .events import Event, decode_stored_event, encode_event
 from .functions import Function
 from .names import Names, event_wake_id
@@ -48,6 +49,7 @@ from .waits import (
 log = structlog.get_logger("meshflow.router")
 
 _SCAN_BATCH = 256
+DISCOVER_EVERY = 5.0  # seconds between two looks for routes other workers created
 #: Waiter entries outlive their wait's timeout by this much, then expire on their own.
 _WAITER_GRACE_S = 3600
 
@@ -90,6 +92,19 @@ class Router:
             name = value.decode()
             if name_token(name) not in self._routes:
                 await self.ensure_route(name)
+
+    async def keep_discovering(self, stopping: asyncio.Event, every: float = DISCOVER_EVERY) -> None:
+        """`discover` every ``every`` seconds until ``stopping`` is set.
+
+        The route consumers keep the events meanwhile; the worker that registered a wait routes
+        its name from the start, so this only spreads the routing work.
+        """
+        while not stopping.is_set():
+            await asyncio.sleep(every)
+            try:
+                await self.discover()
+            except MeshflowError as exc:
+                log.warning("could not look for new routes", error=str(exc))
 
     # --- the worker's side: a run suspends on a wait ------------------------------------------
     async def open_wait(self, record: RunRecord, item: Pending) -> StepMemo | None:

@@ -160,10 +160,12 @@ class Triggers:
         if too_large:
             log.error("run failed at once", run_id=run_id, function=fn.full_id, error=record.error)
             await self.passes.emit_ended(fn, record)
+            self.passes.ended(record)
             await delivery.ack()
             return
         if admission.skip is not None:
             log.info("run skipped", run_id=run_id, function=fn.full_id, reason=admission.skip)
+            self.passes.ended(record)
             await delivery.ack()
             return
         if admission.replaces is not None:
@@ -177,7 +179,7 @@ class Triggers:
         if record.status is RunStatus.QUEUED:  # waits for a concurrency slot
             await self.passes.resume(fn, delivery, TRIGGER, run_id, (record, rev))
             return
-        await self.bus.announce_start(fn)
+        await self.passes.started(fn, record)
         own = self.passes.own(record, rev)
         await self.passes.advance(fn, delivery, TRIGGER, own, memos={}, before=record)
 

@@ -7,7 +7,8 @@ run, `Passes`); and it pulls from the ``route-{name}`` consumers of the event na
 deliveries to it. One worker of the namespace at a time also sweeps for stuck runs (`Sweeper`).
 
 In-flight work is bounded by ``concurrency`` (`InFlight`); suspended runs hold nothing here (local
-timers for near deadlines aside, see ``timers``).
+timers for near deadlines aside, see ``timers``). Given a ``metrics_port``, it serves ``/metrics``
+and ``/health`` (``meshflow.monitor``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
@@ -48,18 +50,19 @@ from .lifecycle import Lifecycle
 from .logs import LogShipper, capture_stdlib
 from .names import Names
 from .passes import Passes
+from .presence import Presence
 from .router import Router
 from .settle import Wake
-from .store import FunctionInfo, Store, WorkerInfo
+from .store import FunctionInfo, Store
 from .sweeper import Sweeper
 from .threads import DaemonThreads
 from .triggers import Triggers, cron_key
 
+if TYPE_CHECKING:
+    from .monitor import Monitor
+
 _FETCH_TIMEOUT = 1.0
 _MAX_FETCH = 64
-_DISCOVER_EVERY = 5.0
-_ANNOUNCE_EVERY = 10.0
-_ANNOUNCE_TTL_S = 30
 
 log = structlog.get_logger("meshflow.worker")
 
@@ -89,6 +92,10 @@ class Worker:
             with the run's logs (``ctx.logger``'s are always kept).
         log_retention: how long the logs stream keeps runs' logs (a duration, default 7 days);
             given, it is applied to the stream as it exists too.
+        metrics_port: serve ``/metrics`` and ``/health`` on this port (``meshflow.monitor``; 0: a free
+            one, read back from ``metrics_port`` once started); None (default): none, and no metrics.
+        metrics_host, health_max_lag: the address they bind (default loopback only); the seconds
+            of event-loop lag past which ``/health`` fails.
     """
 
     def __init__(
@@ -105,6 +112,9 @@ class Worker:
         shutdown_grace: float = 30.0,
         capture_logging: bool = False,
         log_retention: str | dt.timedelta | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+        health_max_lag: float = 5.0,
     ) -> None:
         if not apps:
             raise MeshflowError("a worker needs at least one App")
@@ -123,6 +133,9 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.capture_logging = capture_logging
         self.log_retention = parse_duration(log_retention, what="log_retention") if log_retention else None
+        self.metrics_port = metrics_port  # once started, the port bound
+        self.metrics_host = metrics_host
+        self.health_max_lag = health_max_lag
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{new_ulid()[-6:]}"
         self.inflight = InFlight(concurrency)
         self.threads = DaemonThreads(concurrency)  # for plain `def` step handlers
@@ -138,6 +151,7 @@ class Worker:
         self.store: Store
         self.passes: Passes
         self.triggers: Triggers
+        self.endpoint: Monitor | None = None  # /metrics and /health, given a metrics_port
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -173,6 +187,10 @@ class Worker:
             windows=Windows(store, bus),
             passes=self.passes,
         )
+        if self.metrics_port is not None:  # before the first pass, so that every run counts
+            from .monitor import Monitor  # here: a worker without the endpoint loads no metrics
+
+            self.endpoint = Monitor.of(self, self.metrics_host, self.metrics_port, self.health_max_lag)
         await store.provision(bus, self.replicas, audit=True, log_retention=self.log_retention)
         self.logs.start()
         if self.capture_logging:
@@ -191,13 +209,14 @@ class Worker:
             for spec in fn.cancel_on:
                 await self.router.ensure_route(spec.event)
         await self.router.discover()
-        self._loops.append(asyncio.create_task(self._discover_routes()))
+        self._loops.append(asyncio.create_task(self.router.keep_discovering(self._stopping)))
         self.sweeper = Sweeper(store, bus, self.id)
         self._loops.append(asyncio.create_task(self.sweeper.loop(self._stopping)))
         self._started_at = now_ms()
         await check_durability(nc, self.monitor)
-        await self._announce()
-        self._loops.append(asyncio.create_task(self._announce_loop()))
+        presence = Presence(store, self.id, self.functions, self._started_at)
+        await presence.announce()
+        self._loops.append(asyncio.create_task(presence.loop(self._stopping)))
         self._listening.append(await bus.listen(n.cancel_subjects, self._on_cancel_signal))
         self._listening.append(
             await bus.listen(n.control_subjects, self._on_control, queue="meshflow-control")
@@ -205,6 +224,12 @@ class Worker:
         for fn in self.functions.values():
             for cron in fn.crons:
                 await bus.schedule_cron(fn, cron_key(cron), cron.next_after(now_ms()))
+        if self.endpoint is not None:  # last: /health answers once the worker serves
+            try:
+                self.metrics_port = await self.endpoint.start()
+            except MeshflowError:  # the port is taken: a worker that cannot be watched does not run
+                await self.stop(grace=0)
+                raise
         log.info("worker started", worker=self.id, functions=sorted(self.functions), namespace=n.ns)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -246,6 +271,8 @@ class Worker:
                 await self.store.drop_worker(self.id)
         if hasattr(self, "bus"):
             await self.bus.close()
+        if self.endpoint is not None:
+            await self.endpoint.stop()
         self._stopped.set()
         log.info("worker stopped", worker=self.id)
 
@@ -256,7 +283,13 @@ class Worker:
             NatsError: the connection to NATS closed for good (the worker stopped, so that its
                 supervisor can start it again).
         """
-        await self.start()
+        try:
+            await self.start()
+        except NatsError:
+            if self.failure is None:
+                raise
+            await self._stopped.wait()  # it closed for good while the worker started: say that
+            raise self.failure from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -351,46 +384,12 @@ class Worker:
         await self.router.route(delivery.data, delivery.seq, delivery.stored_ms)
         await delivery.ack()
 
-    async def _discover_routes(self) -> None:
-        """Pick up, every few seconds, the event names runs on other workers started waiting for.
-
-        Their consumers keep the events meanwhile; the worker that registered a wait routes its
-        name from the start, so this only spreads the routing work.
-        """
-        while not self._stopping.is_set():
-            await asyncio.sleep(_DISCOVER_EVERY)
-            try:
-                await self.router.discover()
-            except MeshflowError as exc:
-                log.warning("could not look for new routes", error=str(exc))
-
     # --- core messages --------------------------------------------------------------------------
     async def _on_cancel_signal(self, notice: Notice) -> None:
         self.passes.signal_cancel(notice.subject.rpartition(".")[2])
 
     async def _on_control(self, notice: Notice) -> None:
         await control.serve(self.store, self.bus, notice)
-
-    # --- the registry -------------------------------------------------------------------------
-    async def _announce(self) -> None:
-        info = WorkerInfo(
-            id=self.id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            functions=sorted(self.functions),
-            started_at=self._started_at,
-            seen_at=now_ms(),
-        )
-        await self.store.put_worker(info, ttl_s=_ANNOUNCE_TTL_S)
-
-    async def _announce_loop(self) -> None:
-        """Keep this worker listed in the registry (for the dashboard) while it runs."""
-        while not self._stopping.is_set():
-            await asyncio.sleep(_ANNOUNCE_EVERY)
-            try:
-                await self._announce()
-            except MeshflowError as exc:
-                log.warning("could not announce the worker", error=str(exc))
 
 
 def _bound(fn: Function, handle: Callable[[Function, Delivery], Awaitable[None]]) -> Handle:

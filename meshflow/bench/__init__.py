@@ -98,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="trace every run (an OpenTelemetry SDK provider whose exporter drops the spans)",
     )
     parser.add_argument("--logs", action="store_true", help="each W1 step logs a line with ctx.logger")
+    parser.add_argument(
+        "--metrics", action="store_true", help="workers serve /metrics (meshflow worker --metrics-port 0)"
+    )
 
 
 def _progress(text: str) -> None:
@@ -130,6 +133,7 @@ class _Bench:
             "sync_interval": self.sync,
             "tracing": self.target.trace is not None,
             "logs": os.environ.get(apps.LOGS_ENV) == "1",
+            "metrics": self.target.metrics,
             "incomplete": any(r.incomplete for r in results),
         }
         line.update(summarize_runs([r.figures for r in results]))
@@ -250,7 +254,7 @@ async def _bench(args: argparse.Namespace, names: list[str], tmp: Path, out: Tex
             trace = _traced(tmp) if args.trace else None
             if args.logs:  # the workers started from now on log (W1's steps)
                 os.environ[apps.LOGS_ENV] = "1"
-            target = Target(url, pid, admin, tmp, secrets.token_hex(2), args.scale, trace)
+            target = Target(url, pid, admin, tmp, secrets.token_hex(2), args.scale, trace, args.metrics)
             bench = _Bench(target, args.runs, sync, out)
             await bench.run_raw()
             for name in names:

@@ -41,6 +41,7 @@ class Target:
     token: str
     scale: float
     trace: Path | None = None  # --trace: where the workers say how many spans they exported
+    metrics: bool = False  # --metrics: workers serve /metrics and count every run
 
 
 @dataclass
@@ -102,7 +103,11 @@ async def with_worker(
     """Run ``body`` once with a fresh namespace and a worker serving ``meshflow.bench.apps:app``."""
     names = Names(f"b{target.token}{workload.lower()}r{k}")
     worker = WorkerProcess(
-        f"meshflow.bench.apps:{app}", target.url, names.ns, target.logs / f"worker-{names.ns}.log"
+        f"meshflow.bench.apps:{app}",
+        target.url,
+        names.ns,
+        target.logs / f"worker-{names.ns}.log",
+        metrics=target.metrics,
     )
     try:
         async with meshflow.connect(target.url, namespace=names.ns) as client:

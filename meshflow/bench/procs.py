@@ -80,9 +80,11 @@ class WorkerProcess:
         url: the NATS URL.
         namespace: the deployment namespace.
         log_path: where the worker's stdout and stderr go.
+        metrics: serve ``/metrics`` (on a free port), so that the worker counts every run.
     """
 
-    def __init__(self, app: str, url: str, namespace: str, log_path: Path) -> None:
+    def __init__(self, app: str, url: str, namespace: str, log_path: Path, *, metrics: bool = False) -> None:
+        self.metrics = metrics
         self.app = app
         self.url = url
         self.namespace = namespace
@@ -96,6 +98,8 @@ class WorkerProcess:
     def start(self) -> None:
         cmd = [sys.executable, "-m", "meshflow", "--log-level", "warning", "worker", self.app]
         cmd += ["--nats", self.url, "--namespace", self.namespace]
+        if self.metrics:
+            cmd += ["--metrics-port", "0"]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter with arguments we build
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT

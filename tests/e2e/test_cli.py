@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from meshflow.server import EmbeddedServer
 from meshflow.testing import wait_until
 
 from .devstack import ROOT, DevStack
@@ -122,3 +123,29 @@ async def test_a_second_dev_stack_on_the_same_data_is_refused_before_it_opens_th
         assert "in use by process" in second.stderr
         assert "Traceback" not in second.stderr
         assert meshflow("send", "user/signup", "--nats", dev.nats).returncode == 0  # the first serves on
+
+
+async def test_a_worker_serves_metrics_and_health_on_the_port_it_is_given(
+    nats_server: EmbeddedServer, namespace: str
+) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "meshflow", "worker", "examples:apps", "--nats", nats_server.url]
+    command += ["--namespace", namespace, "--metrics-port", str(port)]
+    worker = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+
+            async def healthy() -> bool:
+                try:
+                    return (await http.get("/health")).status_code == 200
+                except httpx.TransportError:  # not listening yet
+                    return False
+
+            await wait_until(healthy, timeout=30, message="the worker's /health")
+            metrics = await http.get("/metrics")
+        assert "meshflow_nats_connected 1.0" in metrics.text
+    finally:
+        worker.terminate()
+        output, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 0, output[-3000:]
+    assert f"url=http://127.0.0.1:{port}/metrics" in output
