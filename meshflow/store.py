@@ -330,13 +330,11 @@ class Store:
 
     async def create_run(self, record: RunRecord) -> int | None:
         """Store a new run; None when a run with this id exists already (the claim is taken).
-        Its entries in the runs index are sent first, on the same connection (so the server
-        gets them first), without waiting for their acks before the record's."""
-        what, value = f"run {record.id}", encode_record(record)
-        _, rev = await asyncio.gather(
-            self.index.created(record), self._create(self.names.runs_bucket, record.id, value, what)
+        Its entries in the runs index are written first."""
+        await self.index.created(record)
+        return await self._create(
+            self.names.runs_bucket, record.id, encode_record(record), f"run {record.id}"
         )
-        return rev
 
     async def update_run(self, record: RunRecord, revision: int, *, was: RunStatus | None = None) -> int:
         """Replace the run record if it is still at ``revision``; `RunConflict` otherwise.
@@ -344,24 +342,16 @@ class Store:
         ``was`` is the status of the record at ``revision`` when the caller knows it: a write
         that keeps it costs no index write (None: the status entry is written anyway).
         """
-        value, what = encode_record(record), f"run {record.id}"
-        write = self._write(self.names.runs_bucket, record.id, value, revision, what)
-        if was is record.status:
-            try:
-                return await write
-            except _WrongRevision:
-                raise RunConflict(record.id) from None
-        # The new status entry goes first on the connection; its ack is not waited for first.
-        moving, written = await asyncio.gather(self.index.moving(record), write, return_exceptions=True)
-        if isinstance(written, _WrongRevision):
+        entry = await self.index.moving(record) if was is not record.status else None
+        try:
+            rev = await self._write(
+                self.names.runs_bucket, record.id, encode_record(record), revision, f"run {record.id}"
+            )
+        except _WrongRevision:
             raise RunConflict(record.id) from None
-        if isinstance(written, BaseException):
-            raise written
-        if isinstance(moving, int):
-            await self.index.moved(record, moving)
-        elif isinstance(moving, BaseException):
-            raise moving
-        return written
+        if entry is not None:
+            await self.index.moved(record, entry)
+        return rev
 
     async def watch_run(self, run_id: str) -> AsyncGenerator[RunRecord, None]:
         """Yield the run record now (if it exists) and on every change.
