@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -40,7 +39,7 @@ from .bus import Bus, Delivery, RunMessage
 from .durations import now_ms
 from .errors import MeshflowError, NatsError, StateError
 from .events import Event, encode_event, event_limit
-from .flow.slots import Slot, Slots, StepSlots
+from .flow.slots import Slot, Slots, StepSlots, slot_backoff
 from .functions import Function
 from .inflight import InFlight
 from .lifecycle import Lifecycle
@@ -183,34 +182,47 @@ class Passes:
         rev: int,
         memos: dict[str, StepMemo] | None,
     ) -> None:
-        """Take the run's concurrency slots (if its function has any) and its lease, then advance it."""
-        slots: list[Slot] = []
-        owner = ""
-        if fn.flow.concurrency and record.cancel is None:
-            taken = await self.slots.acquire(fn, record)
-            if taken is None:  # every slot of its key is busy: it waits (never dropped)
-                await delivery.nak(delay=_slot_backoff(delivery.delivered))
-                return
-            slots, owner = taken
-        leased = self.leased(record, now_ms())
-        if not record.armed:  # created elsewhere (an invoke, a replay): set up its timeouts now
-            leased = msgspec.structs.replace(leased, armed=True)
-        if _interrupted(record):  # a pass that never ended was running these: each is an attempt
-            leased = self._count_interrupted(leased, record)
+        """Take the run's concurrency slots (if its function has any) and its lease, then advance it.
+        It is `active` from before its lease is written: a second delivery here (a local timer's
+        twin) would read a lease of ours, which only `active` tells from one a dead pass left."""
+        run_id = record.id
+        if run_id in self.active:  # a pass of ours took it since we read it
+            await delivery.nak(delay=0.25)
+            return
+        self.active.add(run_id)
+        advancing = False  # once it is, `advance` removes the run from `active` as it ends
         try:
-            rev = await self.store.update_run(leased, rev, was=record.status)
-        except RunConflict:
-            await self.slots.release(slots, owner)
-            await delivery.nak(delay=0.05)
-            return
-        if record.started_at is None:  # its first pass: a queued, invoked or replayed run starts
-            await self.started(fn, leased)
-        if not record.armed and await self.life.arm(fn, leased, starting=True):
-            await self.slots.release(slots, owner)
-            await delivery.ack()  # cancelled by an event already sent; the cancel message ends it
-            return
-        own = self.own(leased, rev, slots=slots, owner=owner)
-        await self.advance(fn, delivery, wake, own, memos=memos, before=record)
+            slots: list[Slot] = []
+            owner = ""
+            if fn.flow.concurrency and record.cancel is None:
+                taken = await self.slots.acquire(fn, record)
+                if taken is None:  # every slot of its key is busy: it waits (never dropped)
+                    await delivery.nak(delay=slot_backoff(delivery.delivered))
+                    return
+                slots, owner = taken
+            leased = self.leased(record, now_ms())
+            if not record.armed:  # created elsewhere (an invoke, a replay): set up its timeouts now
+                leased = msgspec.structs.replace(leased, armed=True)
+            if _interrupted(record):  # a pass that never ended was running these: each is an attempt
+                leased = self._count_interrupted(leased, record)
+            try:
+                rev = await self.store.update_run(leased, rev, was=record.status)
+            except RunConflict:
+                await self.slots.release(slots, owner)
+                await delivery.nak(delay=0.05)
+                return
+            if record.started_at is None:  # its first pass: a queued, invoked or replayed run starts
+                await self.started(fn, leased)
+            if not record.armed and await self.life.arm(fn, leased, starting=True):
+                await self.slots.release(slots, owner)
+                await delivery.ack()  # cancelled by an event already sent; the cancel message ends it
+                return
+            own = self.own(leased, rev, slots=slots, owner=owner)
+            advancing = True
+            await self.advance(fn, delivery, wake, own, memos=memos, before=record, taken=True)
+        finally:
+            if not advancing:
+                self.active.discard(run_id)
 
     async def started(self, fn: Function, record: RunRecord) -> None:
         """The first pass of ``record`` (leased) begins: tell whoever counts."""
@@ -274,13 +286,16 @@ class Passes:
         *,
         memos: dict[str, StepMemo] | None,
         before: RunRecord,
+        taken: bool = False,
     ) -> None:
-        """Replay the leased run, write what came of it, then ack the delivery."""
+        """Replay the leased run, write what came of it, then ack the delivery. ``taken``: the
+        caller marked the run `active` already (and this pass removes it as it ends)."""
         run_id = own.record.id
-        if run_id in self.active:  # claimed by a pass of ours since we read it
-            await delivery.nak(delay=0.25)
-            return
-        self.active.add(run_id)
+        if not taken:
+            if run_id in self.active:  # claimed by a pass of ours since we read it
+                await delivery.nak(delay=0.25)
+                return
+            self.active.add(run_id)
         span = tracing.run_pass(
             fn, own.record, subject=delivery.subject, headers=delivery.headers, wake=wake.reason
         )
@@ -556,13 +571,6 @@ class Passes:
             self.inflight.spawn(f"timer {fn.full_id}", delivery, wake)
 
         return self.timers.arm(run_id, key, until, fire)
-
-
-def _slot_backoff(tries: int) -> float:
-    """How long a run waiting for a concurrency slot waits before it asks again: 50 ms, doubling
-    with each try to 2 s, jittered so waiting runs do not ask in lockstep."""
-    delay: float = min(0.05 * 2 ** min(tries - 1, 6), 2.0) * (0.5 + random.random())  # noqa: S311 - jitter
-    return delay
 
 
 def _log_outcome(run: RunRecord) -> None:

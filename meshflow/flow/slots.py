@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
@@ -216,3 +217,10 @@ class StepSlots:
         """Extend the leases of the extra slots held now (the pass's own renews with the pass)."""
         for owner, slots in list(self._extras.items()):
             await self._slots.renew(slots, owner)
+
+
+def slot_backoff(tries: int) -> float:
+    """How long a run waiting for a concurrency slot waits before it asks again: 50 ms, doubling
+    with each try to 2 s, jittered so waiting runs do not ask in lockstep."""
+    delay: float = min(0.05 * 2 ** min(tries - 1, 6), 2.0) * (0.5 + random.random())  # noqa: S311 - jitter
+    return delay

@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 import meshflow
+from meshflow.bus import Delivery
+from meshflow.ids import step_hash
+from meshflow.runs import RunRecord, RunStatus
 from meshflow.server import EmbeddedServer
+from meshflow.settle import Wake
 from meshflow.testing import wait_until
 
 FAST = meshflow.Retry(retries=3, backoff=("300ms", "600ms"), jitter=0.0)
@@ -48,6 +54,53 @@ async def test_a_committed_step_never_runs_again_when_a_later_step_retries(
     steps = {s.id: s for s in run.steps}
     assert steps["charge"].attempts == 1
     assert steps["ship"].attempts == 3
+
+
+async def test_a_second_wake_of_a_run_while_this_worker_takes_its_lease_waits_for_the_pass(
+    nats_server: EmbeddedServer, namespace: str, client: meshflow.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry's local timer and its schedule's message both wake the run in one worker. The
+    second reads the lease the first just wrote, a lease of this worker's: it must wait for that
+    pass, not take the run over (which ran the step twice and lost an attempt's failure)."""
+    app = meshflow.App("twins")
+    ledger: Counter[str] = Counter()
+
+    def ship() -> str:
+        ledger["ship"] += 1
+        if ledger["ship"] < 2:
+            raise RuntimeError("carrier API is down")
+        return "shipped"
+
+    @app.function("order", trigger="twins/paid", retries=FAST)
+    async def order(ctx: meshflow.Context) -> str:
+        return await ctx.step.run("ship", ship)  # type: ignore[no-any-return]
+
+    second: list[str] = []
+    async with meshflow.Worker(app, nats=nats_server.url, namespace=namespace) as worker:
+        store, passes = worker.store, worker.passes
+        update_run = store.update_run
+
+        async def and_a_twin_wakes(record: RunRecord, revision: int, **kw: Any) -> int:
+            rev = await update_run(record, revision, **kw)
+            if kw.get("was") is RunStatus.RETRYING and not second:  # the retry's lease, just written
+                second.append("woken")
+
+                async def to_stream() -> None:
+                    second.append("left to the stream")
+
+                delivery = Delivery.local(client.names.run_subject("twins", "order"), to_stream)
+                await passes.resume(order, delivery, Wake("timer", step_hash("ship")), record.id)
+            return rev
+
+        monkeypatch.setattr(store, "update_run", and_a_twin_wakes)
+        event = meshflow.Event(name="twins/paid")
+        await client.send(event)
+        run = await client.wait_for_run(order.run_id_for(event))
+    assert second == ["woken", "left to the stream"]
+    assert run.status is meshflow.RunStatus.COMPLETED
+    assert ledger["ship"] == 2
+    [step] = run.steps
+    assert step.attempts == 2
 
 
 async def test_sleep_never_wakes_early(
