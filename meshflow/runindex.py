@@ -30,6 +30,7 @@ until then the runs list reads the records themselves.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,7 @@ CLOCK_SKEW_MS = 60_000
 #: writes the entry just before the record, and that write may be in flight.
 REPAIR_GRACE_MS = 120_000
 _MAX_READS = 16  # index reads per page at most
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a function's full id: "{app}-{fn}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +213,8 @@ class RunsIndex:
         Newest first by creation; with a ``status``, newest first by when they took it.
         ``read`` fetches records by id. At most ``budget`` entries are checked against records
         per call: a page may come back short, with a cursor to go on."""
+        if function is not None and not _TOKEN.fullmatch(function):
+            return [], None  # no function has that id (and it must not reach a subject filter)
         stream, subject, kind = self._source(status, function)
         state = await self.streams.stream_state(stream)
         cursor = min(before or state.last_seq + 1, state.last_seq + 1)

@@ -209,3 +209,13 @@ async def test_a_time_range_deep_in_many_runs_is_found_by_a_search_not_by_readin
     state = await store.streams.stream_state(stream)
     at = await store.index._seek(stream, 0, state.last_seq + 1, start + 110 * hour + runindex.CLOCK_SKEW_MS)
     assert entries[runs[110].id] <= at <= entries[runs[110].id] + 64 + 4
+
+
+async def test_a_function_id_that_cannot_be_one_matches_nothing_and_never_reaches_a_filter(
+    client: meshflow.Client,
+) -> None:
+    await _make(client._store, "a", RunStatus.COMPLETED, now_ms())
+    for bad in ("*", ">", "idx-a.*", "idx a", "", "idx-a.>"):
+        assert await client.list_runs(function_id=bad) == ([], None)
+        assert await client.list_runs(function_id=bad, status=meshflow.RunStatus.COMPLETED) == ([], None)
+    assert len((await client.list_runs(function_id="idx-a"))[0]) == 1
