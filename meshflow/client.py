@@ -36,7 +36,7 @@ from .events import (
 )
 from .ids import is_ulid, run_id_for, ulid_time_ms
 from .logs import LogRecord, capped, decode_record, follow
-from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names, kv_stream, kv_subject
+from .names import DEFAULT_NAMESPACE, HDR_MSG_ID, Names
 from .provision import RUN_LOG_CAP
 from .requests import NATS_ERRORS
 from .runs import (
@@ -48,7 +48,6 @@ from .runs import (
     RunRecord,
     RunStatus,
     StepMemo,
-    decode_run,
 )
 from .store import FunctionInfo, Store, WorkerInfo
 
@@ -348,48 +347,24 @@ class Client:
 
         ``since`` and ``until`` bound when the runs were created. Pages come from the runs
         index (``meshflow.runindex``), which the server filters: a rare filter costs a few
-        reads, like the first page. At most ``budget`` runs are examined per call, so a page may
-        come back short, with a cursor to go on; never a scan of every run. Before the index is
-        whole (a deployment from before it, until its first sweep) pages read the run records,
-        most recently updated first, ``budget`` records at most.
+        reads, like the first page. A call stops reading once about ``budget`` sequences of the
+        index are read, so a page may come back short, with a cursor to go on; never a scan of
+        every run. Before the index is whole (a deployment from before it, until its first
+        sweep) pages read the run records, most recently updated first, ``budget`` at most.
         """
         low = epoch_ms(since) if since is not None else 0
         high = epoch_ms(until) if until is not None else 2**62
-        index = self._store.index
-        if await index.ready():
-            records, cursor = await index.page(
-                status=status,
-                function=function_id,
-                since=low,
-                until=high,
-                before=before,
-                want=limit,
-                budget=budget,
-                read=self._store.get_runs,
-            )
-            return [await self._view(record, steps=False) for record in records], cursor
-
-        def keep(data: bytes) -> bool:
-            try:
-                record = decode_run(data)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                return False  # a record nobody can read is left out of the list (get_run says why)
-            return (
-                (status is None or record.status == status)
-                and (function_id is None or record.function == function_id)
-                and low <= record.created_at < high
-            )
-
-        stream = kv_stream(self.names.runs_bucket)
-        found, cursor = await self._store.streams.newest(
-            stream,
-            kv_subject(self.names.runs_bucket, ">"),
+        records, cursor = await self._store.index.page(
+            status=status,
+            function=function_id,
+            since=low,
+            until=high,
             before=before,
             want=limit,
-            keep=keep,
             budget=budget,
+            read=self._store.get_runs,
         )
-        return [await self._view(decode_run(data), steps=False) for _, data, _ in found], cursor
+        return [await self._view(record, steps=False) for record in records], cursor
 
     async def list_events(
         self, *, before: int | None = None, limit: int = 50, name: str | None = None

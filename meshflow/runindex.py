@@ -40,9 +40,9 @@ import structlog
 
 from .durations import now_ms
 from .errors import NatsError
-from .names import HDR_EXPECTED_LAST_SUBJECT_SEQ, Names, stream_purge_subject
+from .names import HDR_EXPECTED_LAST_SUBJECT_SEQ, Names, kv_stream, kv_subject, stream_purge_subject
 from .requests import NATS_ERRORS, ApiError, Requester
-from .runs import RunRecord, RunStatus
+from .runs import RunRecord, RunStatus, decode_run
 from .streams import Streams, stored_ms
 
 log = structlog.get_logger("meshflow.index")
@@ -128,10 +128,10 @@ class RunsIndex:
         """Before a run's record is created: its "new" entry (unless it exists) and its status."""
         if not self.enabled:
             return
-        value = str(record.created_at).encode()
-        new = (self.names.index_new_subject(record.function, record.id), value, _ONCE)
+        status = self._status_entry(record)
+        new = (self.names.index_new_subject(record.function, record.id), status[1], _ONCE)
         try:
-            results = await self.requests.publish_batch([new, self._status_entry(record)], _TIMEOUT)
+            results = await self.requests.publish_batch([new, status], _TIMEOUT)
         except NATS_ERRORS as exc:
             return self._failed(record.id, exc)
         for result in results:
@@ -211,10 +211,14 @@ class RunsIndex:
         """The newest ``want`` runs matching the filters below sequence ``before`` (of the
         stream the filters read), and the cursor for the next page (None: no older ones).
         Newest first by creation; with a ``status``, newest first by when they took it.
-        ``read`` fetches records by id. At most ``budget`` entries are checked against records
-        per call: a page may come back short, with a cursor to go on."""
+        ``read`` fetches records by id. Reads stop once ``budget`` sequences of the index are
+        read (the last read may pass it): a page may come back short, with a cursor to go on.
+        Before the index holds
+        every run, the records are read instead (`_scan`)."""
         if function is not None and not _TOKEN.fullmatch(function):
             return [], None  # no function has that id (and it must not reach a subject filter)
+        if not await self.ready():
+            return await self._scan(status, function, since, until, before, want, budget)
         stream, subject, kind = self._source(status, function)
         state = await self.streams.stream_state(stream)
         cursor = min(before or state.last_seq + 1, state.last_seq + 1)
@@ -247,6 +251,36 @@ class RunsIndex:
         if (last := await check()) is not None:
             return found, last
         return found, (cursor if cursor > state.first_seq else None)
+
+    async def _scan(
+        self,
+        status: RunStatus | None,
+        function: str | None,
+        since: int,
+        until: int,
+        before: int | None,
+        want: int,
+        budget: int,
+    ) -> tuple[list[RunRecord], int | None]:
+        """`page` before the index holds every run: the run records themselves, most recently
+        updated first (the runs bucket's stream backwards), ``budget`` of them at most."""
+
+        def keep(data: bytes) -> bool:
+            try:
+                record = decode_run(data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return False  # a record nobody can read is left out of the list (get_run says why)
+            return (
+                (status is None or record.status == status)
+                and (function is None or record.function == function)
+                and since <= record.created_at < until
+            )
+
+        bucket = self.names.runs_bucket
+        found, cursor = await self.streams.newest(
+            kv_stream(bucket), kv_subject(bucket, ">"), before=before, want=want, keep=keep, budget=budget
+        )
+        return [decode_run(data) for _, data, _ in found], cursor
 
     def _source(self, status: RunStatus | None, function: str | None) -> tuple[str, str | None, str]:
         """Where a page with these filters reads: (stream, subject filter or None, entry kind)."""
