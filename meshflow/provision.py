@@ -14,7 +14,7 @@ Split out of ``bus`` (publishing, consuming, scheduling), whose connection it us
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import nats.js.errors
 import structlog
@@ -65,24 +65,26 @@ async def ensure_streams(bus: Bus, *, replicas: int = 1, log_retention: dt.timed
             num_replicas=replicas,
         ),
     )
+    await _optional(
+        _ensure_logs_stream(bus, replicas, log_retention),
+        n.logs_stream,
+        "the logs stream is missing and cannot be created: runs' logs are not kept",
+    )
+    await _optional(
+        _ensure_index_streams(bus, replicas),
+        n.index_stream,
+        "the runs index is missing and cannot be created: filtered runs lists scan",
+    )
+
+
+async def _optional(ensure: Awaitable[None], stream: str, lost: str) -> None:
+    """A stream a deployment made before it may lack, with an identity that may not add it:
+    a warning saying what is ``lost`` without it, never a worker that does not start."""
     try:
-        await _ensure_logs_stream(bus, replicas, log_retention)
-    except NatsError as exc:  # an identity that may not create it, in a deployment made before it
-        log.warning(
-            "the logs stream is missing and cannot be created: runs' logs are not kept",
-            stream=n.logs_stream,
-            error=str(exc),
-            fix="meshflow worker APP --provision-only (as admin)",
-        )
-    try:
-        await _ensure_index_streams(bus, replicas)
-    except NatsError as exc:  # as for the logs: the runs list then reads the records themselves
-        log.warning(
-            "the runs index is missing and cannot be created: filtered runs lists scan",
-            stream=n.index_stream,
-            error=str(exc),
-            fix="meshflow worker APP --provision-only (as admin)",
-        )
+        await ensure
+    except NatsError as exc:
+        fix = "meshflow worker APP --provision-only (as admin)"
+        log.warning(lost, stream=stream, error=str(exc), fix=fix)
 
 
 async def _ensure_logs_stream(bus: Bus, replicas: int, log_retention: dt.timedelta | None) -> None:

@@ -55,12 +55,12 @@ class Sweeper:
 
     async def loop(self, stopping: asyncio.Event) -> None:
         """Sweep every ``interval`` seconds while this worker leads, until ``stopping`` is set."""
-        now = self.store.index.enabled and not await self.store.index.ready()  # fill it in
+        at_once = self.store.index.enabled and not await self.store.index.ready()  # fill it in
         while not stopping.is_set():
-            if not now:
+            if not at_once:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), self.interval)
-            now = False
+            at_once = False
             if stopping.is_set():
                 return
             try:
