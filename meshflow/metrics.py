@@ -39,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .activations import StepScope
+from .durations import now_ms
 from .functions import Function
 from .runs import RunRecord, StepStatus
 
@@ -106,7 +107,7 @@ class WorkerMetrics:
         """The first pass of ``record`` (leased, its ``started_at`` set) begins now."""
         of = self._children(fn.full_id)
         of.started.inc()
-        started_at = record.started_at or int(time.time() * 1000)
+        started_at = record.started_at or now_ms()
         of.delay.observe(start_delay_ms(record, started_at) / 1000)
 
     def run_finished(self, record: RunRecord) -> None:
